@@ -1,0 +1,5 @@
+import sys
+
+from cllama.cli import main
+
+sys.exit(main())

@@ -1,0 +1,333 @@
+"""ModelConfig: Code Llama shapes and options under MindFormers' `model_config` key names."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+DTYPES = ("float32", "float16", "bfloat16")
+EXTEND_METHODS = ("None", "PI", "NTK")
+
+# Keys MindFormers YAMLs carry that we store but that change nothing in CPU numerics.
+STORED_KEYS = (
+    "pretrain_seqlen", "offset", "checkpoint_name_or_path", "compute_in_2d", "fine_grain_interleave",
+    "use_rope_slice", "qkv_concat", "is_dynamic", "use_kvcache_op", "is_flexible_shape",
+    "use_paged_attention", "block_size", "num_blocks", "batch_size",
+)
+
+
+@dataclass
+class ModelConfig:
+    """Code Llama model configuration. Field names are MindFormers' LlamaConfig keys."""
+
+    seq_length: int = 2048
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: same as num_heads (no grouped-query attention)
+    vocab_size: int = 32016
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    intermediate_size: Optional[int] = None  # None: derived from hidden_size (see ffn_hidden_size)
+    rms_norm_eps: float = 1e-5
+    theta: float = 1000000.0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    ignore_token_id: int = -100
+    compute_dtype: str = "float32"
+    layernorm_compute_type: str = "float32"
+    softmax_compute_type: str = "float32"
+    rotary_dtype: str = "float32"
+    param_init_type: str = "float32"
+    use_past: bool = False
+    use_flash_attention: bool = False
+    extend_method: str = "None"
+    scaling_factor: float = 1.0
+    repetition_penalty: float = 1.0
+    max_decode_length: int = 512
+    top_k: int = 0
+    top_p: float = 1.0
+    do_sample: bool = False
+    extra: dict = field(default_factory=dict)  # STORED_KEYS seen in a YAML or JSON, kept verbatim
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.num_heads
+        self.validate()
+
+    # ---- derived shapes -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        """FFN width: intermediate_size if set, else Meta's rule (2/3 of 4*hidden, rounded up)."""
+        if self.intermediate_size:
+            return self.intermediate_size
+        width = int(2 * (4 * self.hidden_size) / 3)
+        if self.ffn_dim_multiplier is not None:
+            width = int(self.ffn_dim_multiplier * width)
+        return self.multiple_of * math.ceil(width / self.multiple_of)
+
+    @property
+    def rope_theta(self) -> float:
+        """RoPE base after the extend method: NTK changes the base, PI scales positions instead."""
+        if self.extend_method == "NTK":
+            d = self.head_dim
+            return self.theta * self.scaling_factor ** (d / (d - 2))
+        return self.theta
+
+    def num_params(self) -> int:
+        from cllama.model import param_shapes
+        return sum(math.prod(s) for s in param_shapes(self).values())
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"ModelConfig.{name}: {why} (got {getattr(self, name)!r})")
+
+        for name in ("seq_length", "hidden_size", "num_layers", "num_heads", "n_kv_heads",
+                     "vocab_size", "multiple_of"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise bad(name, "must be a positive integer")
+        if self.hidden_size % self.num_heads:
+            raise bad("hidden_size", f"must be divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise bad("hidden_size", "hidden_size / num_heads must be even for RoPE")
+        if self.num_heads % self.n_kv_heads:
+            raise bad("n_kv_heads", f"must divide num_heads={self.num_heads}")
+        if self.intermediate_size is not None and self.intermediate_size <= 0:
+            raise bad("intermediate_size", "must be a positive integer or null")
+        for name in ("compute_dtype", "layernorm_compute_type", "softmax_compute_type",
+                     "rotary_dtype", "param_init_type"):
+            if getattr(self, name) not in DTYPES:
+                raise bad(name, f"must be one of {DTYPES}")
+        if self.extend_method not in EXTEND_METHODS:
+            raise bad("extend_method", f"must be one of {EXTEND_METHODS}")
+        if self.scaling_factor <= 0:
+            raise bad("scaling_factor", "must be > 0")
+        if self.rms_norm_eps <= 0:
+            raise bad("rms_norm_eps", "must be > 0")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise bad(name, f"must be a token id below vocab_size={self.vocab_size}")
+        unknown = set(self.extra) - set(STORED_KEYS)
+        if unknown:
+            raise ValueError(f"ModelConfig.extra: unknown keys {sorted(unknown)}")
+
+    # ---- dict / JSON -----------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "ModelConfig":
+        """Build from MindFormers keys. `type` is ignored; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs: dict[str, Any] = {}
+        extra = dict(values.get("extra") or {})
+        unknown = []
+        for key, value in values.items():
+            if key in ("type", "extra"):
+                continue
+            if key in known:
+                kwargs[key] = value
+            elif key in STORED_KEYS:
+                extra[key] = value
+            else:
+                unknown.append(key)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown model_config keys {sorted(unknown)}; "
+                f"valid keys are {sorted(known)} and the stored-only keys {list(STORED_KEYS)}")
+        kwargs = _coerce(kwargs)
+        try:
+            return cls(**kwargs, extra=extra)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        extra = values.pop("extra")
+        values.update(extra)
+        return values
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write JSON (MindFormers keys). `path` is a file or a model directory."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ModelConfig":
+        """Read cllama's JSON (a file or a model directory). Hugging Face configs are refused."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no config.json; a model directory needs one") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if "num_hidden_layers" in values:
+            raise ValueError(f"{path}: this is a Hugging Face config.json; read it with "
+                             "ModelConfig.from_hf(), or convert the folder with `cllama convert hf2ms`")
+        return cls.from_dict(values, source=str(path))
+
+    # ---- MindFormers YAML --------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "ModelConfig":
+        """Load the `model: model_config:` block of a MindFormers run YAML."""
+        import yaml
+
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+        try:
+            block = doc["model"]["model_config"]
+        except (KeyError, TypeError):
+            raise ValueError(f"{path}: no `model: model_config:` block; add one with the model "
+                             "keys (see configs/codellama/run_codellama_34b_910b.yaml)") from None
+        return cls.from_dict({**block, **overrides}, source=f"{path}: model.model_config")
+
+    # ---- Hugging Face config.json ------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: dict | str | os.PathLike, **overrides: Any) -> "ModelConfig":
+        """Read a Hugging Face Llama config (a dict, a config.json path, or its folder)."""
+        source = "Hugging Face config"
+        if not isinstance(hf, dict):
+            path = Path(hf)
+            path = path / "config.json" if path.is_dir() else path
+            source = str(path)
+            hf = json.loads(path.read_text())
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "vocab_size", "intermediate_size") if k not in hf]
+        if missing:
+            raise ValueError(f"{source}: missing Llama fields {missing}")
+        rope = dict(hf.get("rope_parameters") or {})
+        scaling = hf.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        factor = rope.get("factor", scaling.get("factor", 1.0))
+        if kind == "default":
+            extend_method, factor = "None", 1.0
+        elif kind == "linear":
+            extend_method = "PI"
+        else:
+            raise ValueError(f"{source}: rope scaling type {kind!r} is not supported "
+                             "(use 'linear', or fold an NTK base change into rope_theta)")
+        if hf.get("tie_word_embeddings"):
+            raise ValueError(f"{source}: tie_word_embeddings=true; Code Llama has an untied lm_head")
+        values = dict(
+            seq_length=hf.get("max_position_embeddings", 4096),
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            vocab_size=hf["vocab_size"],
+            intermediate_size=hf["intermediate_size"],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            theta=float(theta),
+            extend_method=extend_method,
+            scaling_factor=float(factor),
+            bos_token_id=_first_id(hf.get("bos_token_id"), 1),
+            eos_token_id=_first_id(hf.get("eos_token_id"), 2),
+        )
+        dtype = hf.get("dtype") or hf.get("torch_dtype")
+        if dtype in DTYPES:
+            values["param_init_type"] = dtype
+        values.update(overrides)
+        config = cls.from_dict(values, source=source)
+        if config.intermediate_size == dataclasses.replace(config, intermediate_size=None).ffn_hidden_size:
+            config.intermediate_size = None  # derivable from hidden_size: keep the MindFormers form
+        return config
+
+    def to_hf(self) -> dict:
+        """A Hugging Face LlamaConfig dict that transformers' LlamaForCausalLM loads."""
+        theta, scaling = self.theta, None
+        if self.extend_method == "NTK":
+            theta = self.rope_theta  # static NTK is exactly a base change
+        elif self.extend_method == "PI":
+            scaling = {"type": "linear", "rope_type": "linear", "factor": self.scaling_factor}
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.seq_length,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": theta,
+            "rope_scaling": scaling,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "tie_word_embeddings": False,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": self.param_init_type,
+        }
+
+    # ---- presets --------------------------------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named preset (see PRESETS), with keyword overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"ModelConfig.from_name: unknown preset {name!r}; "
+                             f"choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides}, source=f"preset {name!r}")
+
+
+def _first_id(value: Any, default: int) -> int:
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return default if value is None else int(value)
+
+
+def _coerce(kwargs: dict) -> dict:
+    """YAML gives `1.0e-5` as float but `1e-5` as str, and `theta: 1000000` as int: normalise."""
+    floats = ("rms_norm_eps", "theta", "scaling_factor", "repetition_penalty", "top_p")
+    out = dict(kwargs)
+    for key in floats:
+        if key in out and out[key] is not None:
+            try:
+                out[key] = float(out[key])
+            except (TypeError, ValueError):
+                raise ValueError(f"ModelConfig.{key}: must be a number (got {out[key]!r})") from None
+    if out.get("extend_method") is None and "extend_method" in out:
+        out["extend_method"] = "None"
+    return out
+
+
+_CPU = dict(compute_dtype="float32", param_init_type="float32")
+_ASCEND = dict(compute_dtype="float16", param_init_type="float16", seq_length=16384)
+_7B = dict(hidden_size=4096, num_layers=32, num_heads=32, n_kv_heads=32, **_ASCEND)
+_13B = dict(hidden_size=5120, num_layers=40, num_heads=40, n_kv_heads=40, **_ASCEND)
+_34B = dict(hidden_size=8192, num_layers=48, num_heads=64, n_kv_heads=8, vocab_size=32000, **_ASCEND)
+
+PRESETS: dict[str, dict] = {
+    "codellama-7b": dict(_7B, vocab_size=32016),
+    "codellama-7b-python": dict(_7B, vocab_size=32000),
+    "codellama-7b-instruct": dict(_7B, vocab_size=32016),
+    "codellama-13b": dict(_13B, vocab_size=32016),
+    "codellama-13b-python": dict(_13B, vocab_size=32000),
+    "codellama-13b-instruct": dict(_13B, vocab_size=32016),
+    "codellama-34b": dict(_34B),
+    "codellama-34b-python": dict(_34B),
+    "codellama-34b-instruct": dict(_34B),
+    # CPU configs: tests and the demo (tiny), benchmarks (small). seq_length holds the longest
+    # HumanEval prompt (433 tokens) plus generated tokens.
+    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, n_kv_heads=2, vocab_size=32016,
+                 seq_length=2048, **_CPU),
+    "small": dict(hidden_size=768, num_layers=12, num_heads=12, n_kv_heads=12, vocab_size=32016,
+                  seq_length=2048, **_CPU),
+}

@@ -1,0 +1,141 @@
+"""SentencePiece tokenizer for Code Llama: infilling pieces, suffix encoding, FIM and chat prompts."""
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import sentencepiece as spm
+
+PREFIX, SUFFIX, MIDDLE, EOT = "▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"
+SENTINEL = "☺"  # prepended to the suffix and dropped, so the suffix gets no dummy leading space
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+
+def bundled_tokenizer_path() -> Path:
+    """The Llama 2 SentencePiece model (32000 pieces) shipped with cllama."""
+    return Path(str(resources.files("cllama") / "assets" / "llama2_tokenizer.model"))
+
+
+class Tokenizer:
+    """Wraps a SentencePiece model. Infill ids are looked up by piece; absent pieces give None."""
+
+    def __init__(self, model_path: str | os.PathLike) -> None:
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: tokenizer model not found; pass a SentencePiece "
+                                    "tokenizer.model (cllama ships one: `cllama tokenizer extend`)")
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0  # MindFormers uses <unk>=0
+        self.prefix_id = self.piece_id(PREFIX)
+        self.suffix_id = self.piece_id(SUFFIX)
+        self.middle_id = self.piece_id(MIDDLE)
+        self.eot_id = self.piece_id(EOT)
+        sentinel = self.sp.encode(SENTINEL)
+        self._sentinel = sentinel
+
+    def piece_id(self, piece: str) -> int | None:
+        """Id of a piece, or None when the vocabulary lacks it."""
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else None
+
+    @property
+    def has_infill(self) -> bool:
+        return None not in (self.prefix_id, self.suffix_id, self.middle_id, self.eot_id)
+
+    def require_infill(self) -> None:
+        if not self.has_infill:
+            raise ValueError(
+                f"{self.path}: this tokenizer has no infilling pieces ({PREFIX} {SUFFIX} {MIDDLE} {EOT}); "
+                "Code Llama - Python and all 34B models cannot infill. Use a 7B/13B base or Instruct "
+                "tokenizer, or build one with `cllama tokenizer extend`.")
+
+    # ---- text <-> ids ------------------------------------------------------------------------
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def encode_infilling(self, text: str) -> list[int]:
+        """Encode without SentencePiece's dummy leading space (for the suffix)."""
+        ids = self.sp.encode(SENTINEL + text)
+        n = len(self._sentinel)
+        if ids[:n] != self._sentinel:
+            raise ValueError(f"encode_infilling: the sentinel merged with the text {text[:20]!r}")
+        return ids[n:]
+
+    # ---- prompts -----------------------------------------------------------------------------
+    def infill_prompt(self, prefix: str, suffix: str, suffix_first: bool = False) -> list[int]:
+        """PSM: bos PRE prefix SUF suffix MID. SPM (suffix_first): bos PRE SUF suffix MID prefix."""
+        self.require_infill()
+        if suffix_first:
+            return ([self.bos_id, self.prefix_id, self.suffix_id] + self.encode_infilling(suffix)
+                    + [self.middle_id] + self.encode(prefix, bos=False))
+        return ([self.bos_id, self.prefix_id] + self.encode(prefix, bos=False) + [self.suffix_id]
+                + self.encode_infilling(suffix) + [self.middle_id])
+
+    def chat_prompt(self, dialog: Sequence[dict]) -> list[int]:
+        """Code Llama - Instruct: `[INST] ... [/INST]` turns; an optional leading system message
+        is folded into the first user turn. Roles must alternate user/assistant, ending with user."""
+        dialog = list(dialog)
+        if not dialog:
+            raise ValueError("chat: empty dialog; give at least one {'role': 'user', 'content': ...}")
+        for i, msg in enumerate(dialog):
+            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+                raise ValueError(f"chat: message {i} must be a dict with 'role' and 'content'")
+        if dialog[0]["role"] == "system":
+            if len(dialog) < 2:
+                raise ValueError("chat: a system message must be followed by a user message")
+            dialog = [{"role": dialog[1]["role"],
+                       "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}] + dialog[2:]
+        for i, msg in enumerate(dialog):
+            want = "user" if i % 2 == 0 else "assistant"
+            if msg["role"] != want:
+                raise ValueError(f"chat: message {i} has role {msg['role']!r}, expected {want!r}; roles "
+                                 "go (system), user, assistant, user, ... and end with user")
+        if dialog[-1]["role"] != "user":
+            raise ValueError("chat: the last message must come from the user")
+        ids: list[int] = []
+        for user, answer in zip(dialog[0::2], dialog[1::2]):
+            ids += self.encode(f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} ",
+                               bos=True, eos=True)
+        ids += self.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True)
+        return ids
+
+
+def extend_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Append Code Llama's 16 pieces to a 32000-piece Llama 2 model: infilling pieces at
+    32007..32010 (`▁<PRE>`, `▁<SUF>`, `▁<MID>`, `▁<EOT>`), reserved placeholders elsewhere."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    src, dst = Path(src), Path(dst)
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(src.read_bytes())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{src}: tokenizer model not found") from None
+    except Exception as err:  # protobuf DecodeError
+        raise ValueError(f"{src}: not a SentencePiece model ({err})") from None
+    if len(proto.pieces) != 32000:
+        raise ValueError(f"{src}: has {len(proto.pieces)} pieces; extend expects the 32000-piece "
+                         "Llama 2 tokenizer")
+    existing = {p.piece for p in proto.pieces}
+    added = [f"<reserved_{i}>" for i in range(7)] + [PREFIX, SUFFIX, MIDDLE, EOT] + \
+            [f"<reserved_{i}>" for i in range(7, 12)]
+    clash = existing.intersection(added)
+    if clash:
+        raise ValueError(f"{src}: already has pieces {sorted(clash)}")
+    for piece in added:
+        new = proto.pieces.add()
+        new.piece, new.score, new.type = piece, 0.0, pb.ModelProto.SentencePiece.USER_DEFINED
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.write_bytes(proto.SerializeToString())
+    os.replace(tmp, dst)
+    return dst
