@@ -92,6 +92,20 @@ def is_full(isolation: dict) -> bool:
     return all(isolation.get(k) for k in ("mount_ns", "readonly_root", "pid_ns", "net_ns", "seccomp"))
 
 
+def _weak_isolation_message(isolation: dict) -> str:
+    missing = [k for k in ("mount_ns", "readonly_root", "pid_ns", "net_ns", "seccomp") if not isolation.get(k)]
+    if not isolation.get("readonly_root") or not isolation.get("net_ns"):
+        risk = ("Programs may read and WRITE your files and reach the network. Enable user namespaces "
+                "(sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces) or run on a "
+                "disposable machine.")
+    else:
+        risk = "Programs may start processes and signal each other inside the sandbox."
+    why = isolation.get("namespace_error", "")
+    bar = "!" * 78
+    return (f"\n{bar}\ncllama sandbox: generated code is NOT fully isolated here: {describe(isolation)}.\n"
+            f"Missing: {', '.join(missing)}{f' ({why})' if why else ''}.\n{risk}\n{bar}")
+
+
 class _Worker:
     """One worker process and the request it is running."""
 
@@ -165,14 +179,7 @@ class Sandbox:
             self._handshake(worker)
         self.isolation = self.workers[0].info
         if not is_full(self.isolation):
-            warnings.warn(
-                "\n" + "!" * 78 + "\ncllama sandbox: generated code is NOT fully isolated here: "
-                f"{describe(self.isolation)}.\n"
-                f"Missing: {', '.join(k for k in ('mount_ns', 'readonly_root', 'pid_ns', 'net_ns', 'seccomp') if not self.isolation.get(k))}"
-                f" ({self.isolation.get('namespace_error', 'namespaces not requested')}).\n"
-                "Programs may read and WRITE your files and reach the network. Enable unprivileged user "
-                "namespaces (sysctl kernel.unprivileged_userns_clone=1) or run on a disposable machine.\n"
-                + "!" * 78, SandboxWarning, stacklevel=3)
+            warnings.warn(_weak_isolation_message(self.isolation), SandboxWarning, stacklevel=3)
         return self
 
     def _handshake(self, worker: _Worker, timeout: float = 60.0) -> None:
