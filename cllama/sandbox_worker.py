@@ -153,6 +153,8 @@ def seccomp_filter(arch: dict, own_pid: int) -> bytes:
 def drop_privileges() -> None:
     """Drop every capability (effective, permitted, inheritable) and set no_new_privs, so neither
     this process nor anything it execs can re-mount, change namespaces or bypass permissions."""
+    if not sys.platform.startswith("linux"):
+        return
     header = struct.pack("Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
     _check(libc.capset(ctypes.create_string_buffer(header, 8), ctypes.create_string_buffer(bytes(24), 24)),
            "capset")
@@ -394,7 +396,7 @@ def main() -> None:
     if mode in ("auto", "namespaces"):
         try:
             isolation.update(enter_namespaces())
-        except OSError as err:
+        except (OSError, AttributeError) as err:  # AttributeError: not Linux (no unshare in libc)
             if mode == "namespaces":
                 print(json.dumps({"ready": False, "error": str(err)}), flush=True)
                 sys.exit(1)

