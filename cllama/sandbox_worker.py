@@ -10,8 +10,9 @@ Isolation, strongest first (each layer is reported in "isolation"):
 - namespaces: user + mount + pid + net + ipc + uts. The whole file system is re-mounted read-only,
   nosuid, nodev (recursively); each program gets a fresh size-limited tmpfs at /tmp as its working
   directory; a fresh read-only /proc shows only the sandbox's processes; /run (daemons' sockets)
-  is hidden under an empty tmpfs; the network namespace has no interfaces. The worker is PID 1 of its namespace: programs cannot signal it, and after each
-  program it kills every other process in the namespace.
+  is hidden under an empty tmpfs; the network namespace has no interfaces. The worker is PID 1 of
+  its namespace: programs cannot signal it, and after each program it kills every other process
+  in the namespace.
 - seccomp (each program): no new processes (fork, vfork, clone without CLONE_THREAD; clone3 gives
   ENOSYS so threads fall back to clone), no signals to other processes, no ptrace, no socket() (so
   neither network nor host daemons' unix sockets; socketpair still works), no mount / namespace /
