@@ -162,3 +162,15 @@ def test_cli_score_errors(tmp_path, capsys):
     assert "completion" in capsys.readouterr().err
     assert main(["eval", "score", str(tmp_path / "missing.jsonl")]) == 2
     assert main(["eval", "score", str(bad), "--k", "0"]) == 2
+
+
+def test_plot_beside_the_paper(tmp_path):
+    from cllama.plots import plot_humaneval
+
+    fig = plot_humaneval({"pass@1": 0.25, "pass@10": 0.5}, "mine", path=tmp_path / "p.png")
+    left, right = fig.axes
+    assert [t.get_text() for t in left.get_yticklabels()][-2:] == ["codellama-34b (MindFormers)", "mine"]
+    assert [round(b.get_width(), 2) for b in left.patches][:3] == [33.5, 36.0, 48.8] and left.patches[-1].get_width() == 25
+    assert [round(b.get_height()) for b in right.patches] == [25, 50] and (tmp_path / "p.png").is_file()
+    fig = plot_humaneval({"pass@1": 0.1}, "mine", infilling="multi-line")
+    assert [round(b.get_width(), 1) for b in fig.axes[0].patches] == [49.7, 53.7, 10.0]
