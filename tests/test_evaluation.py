@@ -42,9 +42,9 @@ class Counting:
         self.prompts += len(prompts)
         return self.generator.complete(prompts, **kwargs)
 
-    def infill(self, prefix, suffix, **kwargs):
-        self.prompts += 1
-        return self.generator.infill(prefix, suffix, **kwargs)
+    def infill_many(self, pairs, **kwargs):
+        self.prompts += len(pairs)
+        return self.generator.infill_many(pairs, **kwargs)
 
 
 def test_an_interrupted_run_continues_where_it_stopped(tmp_path, generator):
