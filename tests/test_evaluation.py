@@ -9,6 +9,7 @@ import papermill
 import pytest
 
 from cllama import evaluation
+from cllama import humaneval as he
 from cllama.cli import main
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "06_evaluate_humaneval.ipynb"
@@ -113,3 +114,9 @@ def test_notebook_runs_with_a_random_model(tmp_path, monkeypatch):
     assert 0.0 <= results["metrics"]["pass@1"] <= 1.0 and results["metrics"]["tasks"] == 2
     assert all(Path(f).is_file() for f in results["figures"])
     assert "RANDOM tiny model" in (tmp_path / "06.ipynb").read_text()
+
+
+def test_stop_sequences_match_the_generator():
+    from cllama.generate import HUMANEVAL_STOPS
+
+    assert list(he.STOP_SEQUENCES) == list(HUMANEVAL_STOPS)
