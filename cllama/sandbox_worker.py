@@ -20,6 +20,8 @@ Isolation, strongest first (each layer is reported in "isolation"):
 - resource limits (always): RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE,
   RLIMIT_CORE, and a wall-clock timeout enforced by the worker (SIGKILL).
 """
+from __future__ import annotations
+
 import ctypes
 import errno
 import gc
