@@ -215,8 +215,8 @@ def meta_shard_files(src: Path) -> list[Path]:
     return [src / f"consolidated.{i:02d}.pth" for i in numbers]
 
 
-def meta_config(src: Path, vocab_rows: int, **overrides) -> ModelConfig:
-    """ModelConfig from Meta's params.json (vocab_size -1 means: the embedding's row count)."""
+def read_params(src: Path) -> dict:
+    """Meta's params.json, checked for the fields a ModelConfig needs."""
     path = src / "params.json"
     try:
         params = json.loads(path.read_text())
@@ -227,6 +227,11 @@ def meta_config(src: Path, vocab_rows: int, **overrides) -> ModelConfig:
     missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
     if missing:
         raise ValueError(f"{path}: missing fields {missing}")
+    return params
+
+
+def meta_config(params: dict, vocab_rows: int, source: str, **overrides) -> ModelConfig:
+    """ModelConfig from Meta's params (vocab_size -1 means: the embedding's row count)."""
     vocab = params.get("vocab_size", -1)
     values = dict(hidden_size=params["dim"], num_layers=params["n_layers"], num_heads=params["n_heads"],
                   n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
@@ -234,12 +239,13 @@ def meta_config(src: Path, vocab_rows: int, **overrides) -> ModelConfig:
                   multiple_of=params.get("multiple_of", 256),
                   ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
                   rms_norm_eps=params.get("norm_eps", 1e-5), theta=params.get("rope_theta", 10000.0))
-    return ModelConfig.from_dict({**values, **overrides}, source=str(path))
+    return ModelConfig.from_dict({**values, **overrides}, source=source)
 
 
 def meta_sources(src: Path, **config_overrides) -> tuple[list[TensorSource], ModelConfig]:
     """Every weight of a Meta checkpoint, shards concatenated and wq/wk permuted to rotate-half,
     with the ModelConfig of its params.json."""
+    params = read_params(src)
     files = meta_shard_files(src)
     shards = [torch_load(f) for f in files]
     names = [n for n in shards[0][0] if n not in _META_IGNORED]
@@ -258,7 +264,7 @@ def meta_sources(src: Path, **config_overrides) -> tuple[list[TensorSource], Mod
             raise ValueError(f"{files[0]}: tensor {name!r} has no Code Llama counterpart")
     embedding = next((p for p in plan if p[0] == "model.tok_embeddings.embedding_weight"), None)
     vocab_rows = embedding[2][0].shape[0] if embedding else 0
-    config = meta_config(src, vocab_rows, **config_overrides)
+    config = meta_config(params, vocab_rows, str(src / "params.json"), **config_overrides)
     mapped = all(m for _, m in shards)
     sources = []
     for ms_name, dim, parts, meta_name in plan:
