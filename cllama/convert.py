@@ -342,21 +342,25 @@ def read_sources(path: str | os.PathLike, fmt: str) -> list[TensorSource]:
     raise ValueError(f"format {fmt!r}: choose hf, meta or ms")
 
 
-def tensor_table(path: str | os.PathLike, fmt: str, progress: bool = False):
-    """pandas DataFrame, one row per weight (MindFormers name, in model order): shape, dtype,
-    crc32 of the values widened to float32 (equal across lossless conversions), mean, std."""
+def tensor_table(path: str | os.PathLike, fmt: str, dtype: str | None = None, progress: bool = False):
+    """pandas DataFrame, one row per weight (MindFormers name, model order): shape, stored dtype,
+    crc32 of the values (cast to `dtype` first, as a conversion to it would, then widened to
+    float32), mean and std. Equal crc32s across a conversion mean equal tensors."""
     import pandas as pd
 
     sources = read_sources(path, fmt)
     rows = []
-    with _progress(sum(s.nbytes for s in sources), f"checksums {Path(path).name}", progress) as bar:
+    total = sum(s.nbytes for s in sources)
+    with _progress(total, f"checksums {Path(path).name}", progress) as bar:
         for s in sources:
+            target = dtype or s.dtype
             crc, total, squares, count = 0, 0.0, 0.0, 0
-            for piece in _stream(s, "float32", bar):
-                crc = zlib.crc32(piece.view(np.uint8), crc)
-                total += float(piece.sum(dtype=np.float64))
-                squares += float(np.square(piece, dtype=np.float64).sum())
-                count += piece.size
+            for piece in _stream(s, target, bar):
+                values = cast(piece, target, "float32")
+                crc = zlib.crc32(values.view(np.uint8), crc)
+                total += float(values.sum(dtype=np.float64))
+                squares += float(np.square(values, dtype=np.float64).sum())
+                count += values.size
             mean = total / max(count, 1)
             rows.append({"name": s.name, "shape": tuple(s.shape), "dtype": s.dtype, "crc32": f"{crc:08x}",
                          "mean": mean, "std": max(squares / max(count, 1) - mean * mean, 0.0) ** 0.5})
@@ -364,14 +368,36 @@ def tensor_table(path: str | os.PathLike, fmt: str, progress: bool = False):
     try:
         from cllama.model import param_shapes
 
-        order = {n: i for i, n in enumerate(param_shapes(_config_for(path, fmt, sources)))}
+        order = {n: i for i, n in enumerate(param_shapes(_config_for(path, fmt)))}
         table = table.sort_values("name", key=lambda c: c.map(lambda n: order.get(n, len(order))))
     except (ValueError, FileNotFoundError, KeyError):
         pass
     return table.reset_index(drop=True)
 
 
-def _config_for(path: str | os.PathLike, fmt: str, sources: Sequence[TensorSource]) -> ModelConfig:
+def compare_tables(source, result):
+    """Join two tensor_table()s on name: shapes and crc32s side by side and a `match` column
+    (False also for a tensor present on one side only)."""
+    both = source.merge(result, on="name", how="outer", suffixes=("_source", "_result"), indicator=True,
+                         sort=False)
+    both["match"] = ((both["_merge"] == "both") & (both["shape_source"] == both["shape_result"])
+                     & (both["crc32_source"] == both["crc32_result"]))
+    return both.drop(columns="_merge")
+
+
+def save_random_hf(folder: str | os.PathLike, preset: str = "tiny", seed: int = 0, **overrides) -> Path:
+    """A random Hugging Face Llama checkpoint (transformers' save_pretrained) with the shapes of a
+    cllama preset: a stand-in for a downloaded checkpoint in demos and tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = ModelConfig.from_name(preset, **overrides)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**config.to_hf())).save_pretrained(folder)
+    return Path(folder)
+
+
+def _config_for(path: str | os.PathLike, fmt: str) -> ModelConfig:
     path = Path(path)
     if fmt == "hf":
         return ModelConfig.from_hf(path / "config.json")
