@@ -182,6 +182,11 @@ def test_missing_shard_and_truncated_file_are_named(hf_dirs, tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"{shard.name}: shard listed in model.safetensors.index.json is missing"):
         hf_to_ms(tmp_path / "hf", tmp_path / "m", progress=False)
     assert not (tmp_path / "m" / "model.ckpt").exists()
+    shutil.copytree(hf_dirs / "bin", tmp_path / "bin")
+    data = (tmp_path / "bin" / "pytorch_model.bin").read_bytes()
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: not a readable torch checkpoint"):
+        hf_to_ms(tmp_path / "bin", tmp_path / "m", progress=False)
 
 
 @pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])
