@@ -249,7 +249,10 @@ def hf_to_ms(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None =
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"{src / 'config.json'}: missing; a Hugging Face checkpoint folder "
                                 "ships its config.json next to the weights")
-    hf_config = json.loads((src / "config.json").read_text())
+    try:
+        hf_config = json.loads((src / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{src / 'config.json'}: not valid JSON ({err})") from None
     if "num_hidden_layers" not in hf_config:
         raise ValueError(f"{src / 'config.json'}: not a Hugging Face Llama config (no num_hidden_layers)")
     sources = hf_sources(src)
