@@ -81,9 +81,11 @@ def baseline(src: str, dst: str) -> None:
     import mindspore as ms
     import torch
     from transformers import LlamaForCausalLM
+    from transformers.utils import logging
 
     from cllama.weights import hf_to_ms_name
 
+    logging.disable_progress_bar()
     model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
     ckpt = [{"name": hf_to_ms_name(name), "data": ms.Tensor(value.detach().numpy(), ms.bfloat16)}
             for name, value in model.state_dict().items()]
