@@ -98,6 +98,45 @@ def _add_model(sub) -> None:
     info.set_defaults(func=_model_info)
 
 
+# ---- convert ------------------------------------------------------------------------------------
+def _convert(args) -> int:
+    import warnings
+
+    from cllama import convert
+
+    func = {"hf2ms": convert.hf_to_ms, "ms2hf": convert.ms_to_hf, "meta2ms": convert.meta_to_ms}[args.action]
+    kwargs = {"max_shard_size": args.max_shard_size} if args.action == "ms2hf" else {}
+    if args.action == "meta2ms":
+        kwargs["seq_length"] = args.seq_length
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", convert.VocabularyWarning)  # listed in the summary below
+        summary = func(args.src, args.dst, dtype=args.dtype, progress=not args.no_progress, **kwargs)
+    for message in summary["warnings"]:
+        print(f"cllama convert: warning: {message}", file=sys.stderr)
+    _print_json(summary)
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="weights: Hugging Face / Meta <-> cllama model directory (streaming)")
+    cmds = p.add_subparsers(dest="action", required=True)
+    for action, text, src, dst in (
+            ("hf2ms", "Hugging Face Llama folder -> model directory (MindSpore .ckpt)", "HF_DIR", "MODEL_DIR"),
+            ("ms2hf", "model directory -> Hugging Face folder (safetensors)", "MODEL_DIR", "HF_DIR"),
+            ("meta2ms", "Meta consolidated.NN.pth + params.json -> model directory", "META_DIR", "MODEL_DIR")):
+        c = cmds.add_parser(action, help=text)
+        c.add_argument("--src", required=True, metavar=src)
+        c.add_argument("--dst", required=True, metavar=dst)
+        c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                       help="output dtype (default: keep the stored one)")
+        c.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if action == "ms2hf":
+            c.add_argument("--max-shard-size", default="5GB", help="shard above this size (default 5GB)")
+        if action == "meta2ms":
+            c.add_argument("--seq-length", type=int, default=16384, help="config seq_length (default 16384)")
+        c.set_defaults(func=_convert)
+
+
 # ---- entry point --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cllama", description="Code Llama research workbench on MindSpore")
@@ -105,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tokenizer(sub)
     _add_model(sub)
+    _add_convert(sub)
     return parser
 
 
