@@ -175,6 +175,43 @@ def _add_ckpt(sub) -> None:
     tr.set_defaults(func=_ckpt_transform)
 
 
+# ---- export -------------------------------------------------------------------------------------
+def _export(args) -> int:
+    from cllama.runtime import init_context
+
+    init_context(args.device)
+    from cllama.export import DECODE_FILE, PREFILL_FILE, compare_with_model, export_mindir
+    from cllama.weights import load_model_dir
+
+    model = load_model_dir(args.model)
+    seq_length = args.seq_length or model.config.seq_length
+    tokenizer = Path(args.model) / "tokenizer.model"
+    out = export_mindir(model, args.out, args.batch_size, seq_length, overwrite=args.overwrite,
+                        tokenizer_model=tokenizer if tokenizer.is_file() else None)
+    report = {"out": str(out), "prefill": str(out / PREFILL_FILE), "decode": str(out / DECODE_FILE),
+              "batch_size": args.batch_size, "seq_length": seq_length}
+    if args.check:
+        prompt = [[model.config.bos_token_id]]
+        check = compare_with_model(model, out, prompt, args.check)
+        report.update(tokens_equal=check["tokens_equal"], prefill_max_abs_diff=check["prefill_max_abs_diff"])
+    _print_json(report)
+    return 0 if report.get("tokens_equal", True) else 1
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="MindIR prefill + incremental graphs (KV cache as graph inputs/outputs)")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=1, help="static batch size of both graphs")
+    p.add_argument("--seq-length", type=int, default=None, help="static sequence (cache) length; "
+                                                                "default: the model's seq_length")
+    p.add_argument("--check", type=int, default=0, metavar="N",
+                   help="reload the graphs and compare N greedy tokens with the in-framework model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--device", help="CPU or Ascend (default: detect)")
+    p.set_defaults(func=_export)
+
+
 # ---- entry point --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cllama", description="Code Llama research workbench on MindSpore")
@@ -183,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer(sub)
     _add_model(sub)
     _add_ckpt(sub)
+    _add_export(sub)
     return parser
 
 
