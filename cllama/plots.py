@@ -40,9 +40,11 @@ def memory_per_rank_bars(computed: list[int], measured: list[int] | None = None,
     ax.set_ylabel("MiB")
     ax.set_title(title)
     if len(set(stages)) > 1:
+        top = max(max(computed), max(measured or [0])) / 2**20
+        ax.set_ylim(0, top * 1.15)
         for s in sorted(set(stages)):
-            first = stages.index(s)
-            ax.annotate(f"stage {s}", (first, 0), xytext=(0, -28), textcoords="offset points", fontsize=8)
+            first, last = stages.index(s), len(stages) - 1 - stages[::-1].index(s)
+            ax.text((first + last) / 2, top * 1.05, f"stage {s}", ha="center", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
     return fig

@@ -186,3 +186,23 @@ def test_cluster_stage_files_as_source_strategy(models, tmp_path):
     report = transform(tmp_path / "pp2", tmp_path / "merged", src_strategy=stage_dir, progress=False)
     assert report["verified"]
     assert checksums(tmp_path / "merged" / "model.ckpt") == checksums(models[2] / "model.ckpt")
+
+
+def test_notebook_05_defaults(tmp_path):
+    """notebooks/05_transform_checkpoint.ipynb headlessly: random tiny model, layout mp 2."""
+    import os
+    from pathlib import Path
+
+    import papermill
+
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "05_transform_checkpoint.ipynb"
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(notebook.parents[1]), os.environ.get("PYTHONPATH", "")])
+    out = tmp_path / "run"
+    papermill.execute_notebook(str(notebook), str(tmp_path / "run.ipynb"), kernel_name="python3",
+                               parameters={"output_dir": str(out)}, progress_bar=False)
+    result = json.loads((out / "results.json").read_text())
+    assert result["stage"] == "transform_checkpoint" and result["metrics"]["verified"] == 1.0
+    assert result["metrics"]["devices"] == 2 and result["params"]["model_parallel"] == 2
+    assert sorted(shard_files(result["artifacts"]["sharded_dir"])) == [0, 1]
+    assert all(Path(f).is_file() for f in result["figures"])
+    assert "RANDOM" in (tmp_path / "run.ipynb").read_text()
