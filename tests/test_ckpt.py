@@ -167,6 +167,10 @@ def test_cli_strategy_and_transform(models, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["verified"] is True
     assert main(["ckpt", "transform", "--src", str(tmp_path / "mp2"), "--dst", str(tmp_path / "pp2"), "--pp", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "reshard"
+    assert main(["ckpt", "transform", "--src", str(tmp_path / "pp2"), "--dst", str(tmp_path / "one"), "--rank", "1",
+                 "--dst-strategy", str(tmp_path / "s.ckpt")]) == 0
+    assert checksums(json.loads(capsys.readouterr().out)["checkpoint"]) == checksums(
+        shard_files(tmp_path / "mp2")[1])
     assert main(["ckpt", "strategy", "--preset", "tiny", "--mp", "3", "--out", str(tmp_path / "bad.ckpt")]) == 2
     assert "model_parallel=3 must divide" in capsys.readouterr().err
 

@@ -1,5 +1,9 @@
 """MindIR export: the reloaded prefill + incremental graphs generate what the model generates."""
+import contextlib
+import io
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,20 +11,37 @@ from mindspore import Tensor
 
 from cllama.cli import main
 from cllama.config import ModelConfig
-from cllama.export import DECODE_FILE, PREFILL_FILE, MindIRGenerator, compare_with_model, export_mindir
-from cllama.weights import random_model, save_model_dir
+from cllama.export import DECODE_FILE, PREFILL_FILE, MindIRGenerator, compare_with_model
+from cllama.weights import load_model_dir, random_model, save_model_dir
 
 BATCH, SEQ = 2, 48
 
 
 @pytest.fixture(scope="module")
-def model():
-    return random_model(ModelConfig.from_name("tiny", seq_length=64), seed=11)
+def model_dir(tmp_path_factory):
+    return save_model_dir(random_model(ModelConfig.from_name("tiny", seq_length=64), seed=11),
+                          tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")
-def exported(model, tmp_path_factory):
-    return export_mindir(model, tmp_path_factory.mktemp("export") / "mindir", BATCH, SEQ)
+def model(model_dir):
+    return load_model_dir(model_dir)
+
+
+@pytest.fixture(scope="module")
+def cli_export(model_dir):
+    """`cllama export` once for the module: (exit code, printed report, output folder)."""
+    out = model_dir.parent / "mindir"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["export", "--model", str(model_dir), "--out", str(out), "--batch-size", str(BATCH),
+                     "--seq-length", str(SEQ), "--check", "4"])
+    return code, json.loads(printed.getvalue()), out
+
+
+@pytest.fixture(scope="module")
+def exported(cli_export):
+    return cli_export[2]
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +50,19 @@ def prompts():
     return [list(rng.integers(3, 32016, 5)), list(rng.integers(3, 32016, 11))]
 
 
-def test_layout_and_manifest(exported):
-    assert (exported / PREFILL_FILE).is_file() and (exported / DECODE_FILE).is_file()
-    manifest = json.loads((exported / "export.json").read_text())
+def test_cli_export_layout_and_manifest(cli_export, model_dir, capsys):
+    code, report, out = cli_export
+    assert code == 0 and report["prefill"] == str(out / PREFILL_FILE) and report["seq_length"] == SEQ
+    assert report["tokens_equal"] is True and report["prefill_max_abs_diff"] < 1e-5
+    assert (out / PREFILL_FILE).is_file() and (out / DECODE_FILE).is_file() and (out / "config.json").is_file()
+    manifest = json.loads((out / "export.json").read_text())
     assert manifest["prefill"]["inputs"] == {"input_ids": [BATCH, SEQ], "last_index": [BATCH]}
-    assert manifest["decode"]["inputs"]["keys"] == [2, BATCH, 2, SEQ, 16]
-    assert not list(exported.parent.glob("*.partial*"))
+    assert manifest["decode"]["inputs"]["keys"] == [2, BATCH, 2, SEQ, 16]  # (layers, B, nkv, S, hd)
+    assert not list(out.parent.glob("*.partial*"))
+    assert main(["export", "--model", str(model_dir), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", "--model", str(model_dir), "--out", str(out) + "2", "--seq-length", "65"]) == 2
+    assert "seq_length=64" in capsys.readouterr().err
 
 
 def test_mindir_greedy_equals_model(model, exported, prompts):
@@ -65,13 +93,17 @@ def test_one_prompt_in_a_batch_and_cache_end(exported, prompts):
         gen.generate([list(range(3, 3 + SEQ))], 4)
 
 
-def test_cli_export(tmp_path, capsys):
-    model = random_model(ModelConfig.from_name("tiny", seq_length=32), seed=2)
-    save_model_dir(model, tmp_path / "m")
-    assert main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "out")]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["seq_length"] == 32 and report["batch_size"] == 1 and "tokens_equal" not in report
-    assert (tmp_path / "out" / PREFILL_FILE).is_file() and (tmp_path / "out" / "config.json").is_file()
-    assert len(MindIRGenerator(tmp_path / "out").generate([[1, 2]], 3, stop_at_eos=False)[0]) == 3
-    assert main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "out")]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+def test_notebook_08(tmp_path):
+    """notebooks/08_export_mindir.ipynb headlessly (random tiny model, shrunk lengths)."""
+    import papermill
+
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "08_export_mindir.ipynb"
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(notebook.parents[1]), os.environ.get("PYTHONPATH", "")])
+    out = tmp_path / "run"
+    papermill.execute_notebook(str(notebook), str(tmp_path / "run.ipynb"), kernel_name="python3", progress_bar=False,
+                               parameters={"output_dir": str(out), "seq_length": 32, "max_new_tokens": 8})
+    result = json.loads((out / "results.json").read_text())
+    assert result["stage"] == "export_mindir" and result["metrics"]["tokens_equal"] == 1.0
+    assert result["metrics"]["prefill_max_abs_diff"] < 1e-5
+    assert Path(result["artifacts"]["decode_mindir"]).is_file()
+    assert "RANDOM" in (tmp_path / "run.ipynb").read_text()
