@@ -143,6 +143,9 @@ def _check_ranks(source: Source, src_file: str) -> None:
     if missing:
         raise ValueError(f"{source.path}: the strategy has {need} ranks but rank folders {missing[:8]} hold "
                          "no .ckpt; copy every rank's checkpoint into <folder>/rank_X/")
+    if len(have) > need:
+        raise ValueError(f"{source.path}: {len(have)} rank folders but the source strategy covers {need} ranks; "
+                         "for a pipeline job pass the strategy of every stage (the folder of their files)")
 
 
 def _full_sums(source: Source, src_file: str | None, work: Path) -> dict[str, str]:
@@ -244,12 +247,24 @@ def _verify(source: Source, out: Path, src_file: str | None, dst_file: str | Non
         _compare(expected, got, "the merged output")
         return {"verified": True, "tensors": len(got), "fingerprint": fingerprint(got)}
     # full output: split it again with the source layout and compare every rank's shards
+    sums = checksums(out / "model.ckpt")
+    if (out / "config.json").is_file():  # every parameter of the model must be there
+        import mindspore as ms
+
+        from cllama.config import ModelConfig
+        from cllama.model import param_shapes
+        from cllama.weights import check_names
+
+        shapes = {n: tuple(p.shape) for n, p in ms.load_checkpoint(str(out / "model.ckpt")).items()}
+        check_names(param_shapes(ModelConfig.load(out)), shapes, f"merged {source.path}")
     resplit = work / "resplit"
     _run(_staged(find_source(out), work / "stage_out"), resplit, None, src_file)
     again, original = shard_files(resplit), shard_files(source.path)
+    if sorted(again) != sorted(original):
+        raise ValueError(f"verification failed: {source.path} has ranks {sorted(original)} but its strategy "
+                         f"gives {sorted(again)}; pass the strategy of every pipeline stage (their folder)")
     for rank, path in original.items():
         _compare(checksums(path), checksums(again[rank]), f"rank {rank}'s shards")
-    sums = checksums(out / "model.ckpt")
     return {"verified": True, "tensors": len(sums), "fingerprint": fingerprint(sums)}
 
 

@@ -76,12 +76,10 @@ class ParamLayout:
         return tuple(0 if m == -1 else int(coord[n - 1 - m]) for m in self.tensor_map)
 
     def shard_of(self, full: np.ndarray, local_rank: int) -> np.ndarray:
-        """The slice of the full tensor a stage-local rank holds (numpy, for checks)."""
-        index = []
-        for dim, (size, parts, i) in enumerate(zip(full.shape, self.splits, self.shard_index(local_rank))):
-            step = size // parts
-            index.append(slice(i * step, (i + 1) * step))
-        return full[tuple(index)]
+        """The slice of the full tensor a stage-local rank holds (numpy; no optimizer sharding)."""
+        index = tuple(slice(i * (size // parts), (i + 1) * (size // parts))
+                      for size, parts, i in zip(full.shape, self.splits, self.shard_index(local_rank)))
+        return full[index]
 
 
 def make_parallel(data_parallel: int = 1, model_parallel: int = 1, pipeline_stage: int = 1,

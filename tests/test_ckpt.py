@@ -210,3 +210,13 @@ def test_notebook_05_defaults(tmp_path):
     assert sorted(shard_files(result["artifacts"]["sharded_dir"])) == [0, 1]
     assert all(Path(f).is_file() for f in result["figures"])
     assert "RANDOM" in (tmp_path / "run.ipynb").read_text()
+
+
+def test_one_stage_strategy_for_pipeline_shards_is_refused(models, tmp_path):
+    layouts = param_layouts(TINY, make_parallel(pipeline_stage=2))
+    transform(models[2], tmp_path / "pp2", dst_strategy=layouts, verify=False, progress=False)
+    write_strategy(layouts, tmp_path / "merged.ckpt", stage_dir=tmp_path / "stages")
+    with pytest.raises(ValueError, match="covers 1 ranks; for a pipeline job pass the strategy of every stage"):
+        transform(tmp_path / "pp2", tmp_path / "full", src_strategy=tmp_path / "stages" / "ckpt_strategy_rank_0.ckpt",
+                  progress=False)
+    assert not (tmp_path / "full").exists()
