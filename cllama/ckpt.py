@@ -67,10 +67,15 @@ def checksums(path: str | os.PathLike) -> dict[str, str]:
     """sha256 of every tensor (dtype, shape and bytes) in one checkpoint file."""
     import mindspore as ms
 
+    return tensor_checksums(ms.load_checkpoint(str(path)))
+
+
+def tensor_checksums(params: Mapping) -> dict[str, str]:
+    """sha256 of each loaded tensor's dtype, shape and bytes."""
     from cllama.weights import to_numpy
 
     out = {}
-    for name, param in ms.load_checkpoint(str(path)).items():
+    for name, param in params.items():
         arr = np.ascontiguousarray(to_numpy(param))
         h = hashlib.sha256(f"{param.dtype}|{arr.shape}|".encode())
         h.update(arr.tobytes())
@@ -200,17 +205,17 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, src_strategy: Stra
         work = Path(work_dir)
         src_file = _strategy_file(source.strategy, work, "src_strategy")
         dst_file = _strategy_file(dst_strategy, work, "dst_strategy")
+        src_sums = None
         if source.sharded:
             _check_ranks(source, src_file)
-            src_sums = None
-        else:
-            src_sums = checksums(source.ckpt)
-        if dst_file is not None and not source.sharded:
+        else:  # a split: every tensor needs a layout that divides it
             import mindspore as ms
 
-            shapes = {n: tuple(p.shape) for n, p in ms.load_checkpoint(str(source.ckpt)).items()}
+            params = ms.load_checkpoint(str(source.ckpt))
             label = "destination layout" if isinstance(dst_strategy, Mapping) else str(dst_strategy)
-            check_strategy(read_strategy(dst_file), shapes, label)
+            check_strategy(read_strategy(dst_file), {n: tuple(p.shape) for n, p in params.items()}, label)
+            src_sums = tensor_checksums(params) if verify else None
+            del params
         steps = tqdm(total=2 if verify else 1, desc=f"ckpt {kind}", disable=not progress)
         try:
             _run(_staged(source, work), tmp, src_file, dst_file)
