@@ -135,6 +135,118 @@ def _add_convert(sub) -> None:
         if action == "meta2ms":
             c.add_argument("--seq-length", type=int, default=16384, help="config seq_length (default 16384)")
         c.set_defaults(func=_convert)
+# ---- ckpt ---------------------------------------------------------------------------------------
+def _layout_args(p, required: bool) -> None:
+    p.add_argument("--dp", type=int, default=None if not required else 1, help="data_parallel")
+    p.add_argument("--mp", type=int, default=None if not required else 1, help="model_parallel")
+    p.add_argument("--pp", type=int, default=None if not required else 1, help="pipeline_stage")
+    p.add_argument("--vocab-emb-dp", action=argparse.BooleanOptionalAction, default=True,
+                   help="replicate embedding and lm_head (MindFormers' default); --no-vocab-emb-dp splits "
+                        "them by vocabulary over model_parallel")
+
+
+def _layouts_from_args(args, config):
+    from cllama.strategy import make_parallel, param_layouts
+
+    parallel = make_parallel(args.dp or 1, args.mp or 1, args.pp or 1, args.vocab_emb_dp)
+    return param_layouts(config, parallel)
+
+
+def _ckpt_strategy(args) -> int:
+    from cllama.config import ModelConfig
+    from cllama.strategy import device_count, memory_per_rank, write_strategy
+
+    if bool(args.model) == bool(args.preset):
+        raise ValueError("give exactly one of --model DIR or --preset NAME")
+    config = ModelConfig.load(args.model) if args.model else ModelConfig.from_name(args.preset)
+    layouts = _layouts_from_args(args, config)
+    path = write_strategy(layouts, args.out, stage_dir=args.stage_dir)
+    itemsize = 2 if config.param_init_type != "float32" else 4
+    _print_json({"strategy": str(path), "devices": device_count(layouts), "params": len(layouts),
+                 "bytes_per_rank": memory_per_rank(layouts, itemsize)})
+    return 0
+
+
+def _ckpt_transform(args) -> int:
+    from cllama.ckpt import transform, transform_rank
+
+    dst_strategy = args.dst_strategy
+    if any(v is not None for v in (args.dp, args.mp, args.pp)):
+        if dst_strategy:
+            raise ValueError("give either --dst-strategy or --dp/--mp/--pp, not both")
+        from cllama.config import ModelConfig
+
+        src = Path(args.src)
+        dst_strategy = _layouts_from_args(args, ModelConfig.load(src if src.is_dir() else src.parent))
+    if args.rank is not None:
+        out = transform_rank(args.src, args.rank, args.dst, args.src_strategy, dst_strategy)
+        _print_json({"rank": args.rank, "checkpoint": str(out), "verified": False})
+        return 0
+    _print_json(transform(args.src, args.dst, args.src_strategy, dst_strategy, verify=not args.no_verify,
+                          overwrite=args.overwrite))
+    return 0
+
+
+def _add_ckpt(sub) -> None:
+    from cllama.config import PRESETS
+
+    p = sub.add_parser("ckpt", help="distributed checkpoints: strategy files, split, merge, re-shard")
+    cmds = p.add_subparsers(dest="action", required=True)
+    st = cmds.add_parser("strategy", help="write the strategy file of a dp/mp/pp layout")
+    st.add_argument("--model", help="model directory (its config.json)")
+    st.add_argument("--preset", choices=sorted(PRESETS), help="or a preset name")
+    _layout_args(st, required=True)
+    st.add_argument("--out", required=True, help="strategy file to write (merged over pipeline stages)")
+    st.add_argument("--stage-dir", help="also keep one strategy file per pipeline stage here")
+    st.set_defaults(func=_ckpt_strategy)
+    tr = cmds.add_parser("transform", help="full -> shards, shards -> full, or layout A -> layout B")
+    tr.add_argument("--src", required=True, help="model dir, .ckpt file, or folder of rank_X/ shards")
+    tr.add_argument("--src-strategy", help="strategy of sharded --src (file or per-stage folder; "
+                                           "default: <src>/strategy.ckpt)")
+    tr.add_argument("--dst", required=True, help="output folder (model dir when merging)")
+    tr.add_argument("--dst-strategy", help="target layout's strategy file or per-stage folder; omit to merge")
+    _layout_args(tr, required=False)
+    tr.add_argument("--rank", type=int, help="write only this destination rank (transform_checkpoint_by_rank)")
+    tr.add_argument("--no-verify", action="store_true", help="skip the round-trip checksum verification")
+    tr.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    tr.set_defaults(func=_ckpt_transform)
+
+
+# ---- export -------------------------------------------------------------------------------------
+def _export(args) -> int:
+    from cllama.runtime import init_context
+
+    init_context(args.device)
+    from cllama.export import DECODE_FILE, PREFILL_FILE, compare_with_model, export_mindir
+    from cllama.weights import load_model_dir
+
+    model = load_model_dir(args.model)
+    seq_length = args.seq_length or model.config.seq_length
+    tokenizer = Path(args.model) / "tokenizer.model"
+    out = export_mindir(model, args.out, args.batch_size, seq_length, overwrite=args.overwrite,
+                        tokenizer_model=tokenizer if tokenizer.is_file() else None)
+    report = {"out": str(out), "prefill": str(out / PREFILL_FILE), "decode": str(out / DECODE_FILE),
+              "batch_size": args.batch_size, "seq_length": seq_length}
+    if args.check:
+        prompt = [[model.config.bos_token_id]]
+        check = compare_with_model(model, out, prompt, args.check)
+        report.update(tokens_equal=check["tokens_equal"], prefill_max_abs_diff=check["prefill_max_abs_diff"])
+    _print_json(report)
+    return 0 if report.get("tokens_equal", True) else 1
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="MindIR prefill + incremental graphs (KV cache as graph inputs/outputs)")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=1, help="static batch size of both graphs")
+    p.add_argument("--seq-length", type=int, default=None, help="static sequence (cache) length; "
+                                                                "default: the model's seq_length")
+    p.add_argument("--check", type=int, default=0, metavar="N",
+                   help="reload the graphs and compare N greedy tokens with the in-framework model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--device", help="CPU or Ascend (default: detect)")
+    p.set_defaults(func=_export)
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -145,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer(sub)
     _add_model(sub)
     _add_convert(sub)
+    _add_ckpt(sub)
+    _add_export(sub)
     return parser
 
 

@@ -15,3 +15,36 @@ def save_figure(fig, path: str | os.PathLike | None) -> Path | None:
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     os.replace(tmp, path)
     return path
+
+
+def memory_per_rank_bars(computed: list[int], measured: list[int] | None = None,
+                         stages: list[int] | None = None, title: str = "weights per rank",
+                         path: str | os.PathLike | None = None):
+    """Bar chart of weight memory per rank in MiB: what the layout implies (`computed`) and, when
+    given, the shard files' sizes on disk (`measured`); bars are coloured by pipeline stage."""
+    import matplotlib.pyplot as plt
+
+    ranks = list(range(len(computed)))
+    stages = list(stages) if stages is not None else [0] * len(computed)
+    colors = [plt.cm.tab10(s % 10) for s in stages]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(ranks) + 2), 3.2))
+    width = 0.4 if measured is not None else 0.7
+    offset = -width / 2 if measured is not None else 0.0
+    ax.bar([r + offset for r in ranks], [b / 2**20 for b in computed], width, color=colors, label="layout")
+    if measured is not None:
+        ax.bar([r + width / 2 for r in ranks], [b / 2**20 for b in measured], width, color=colors,
+               alpha=0.45, hatch="//", label="shard file")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xticks(ranks)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("MiB")
+    ax.set_title(title)
+    if len(set(stages)) > 1:
+        top = max(max(computed), max(measured or [0])) / 2**20
+        ax.set_ylim(0, top * 1.15)
+        for s in sorted(set(stages)):
+            first, last = stages.index(s), len(stages) - 1 - stages[::-1].index(s)
+            ax.text((first + last) / 2, top * 1.05, f"stage {s}", ha="center", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig
