@@ -47,16 +47,19 @@ def decode_nospace(tok: Tokenizer, ids: Sequence[int]) -> str:
     return tok.sp.decode([sentinel] + [int(i) for i in ids])[len(SENTINEL):]
 
 
-def fim_undo(tok: Tokenizer, ids: Sequence[int]) -> str:
+def fim_undo(tok: Tokenizer, ids: Sequence[int], layout: str | None = None) -> str:
     """The original document of a training document: undoes the PSM/SPM permutation (or strips
-    bos/eos of a plain one) and decodes."""
+    bos/eos of a plain one) and decodes. `layout` ("psm", "spm", "plain") is read from the ids when
+    not given; the one ambiguous case is PSM with an empty prefix, which looks like SPM."""
     ids = [int(i) for i in ids]
-    if ids[:3] == [tok.bos_id, tok.prefix_id, tok.suffix_id]:  # SPM
+    if layout is None:
+        layout = "plain" if ids[1:2] != [tok.prefix_id] else "spm" if ids[2:3] == [tok.suffix_id] else "psm"
+    if layout == "spm":
         mid, eot = ids.index(tok.middle_id), ids.index(tok.eot_id)
         return tok.decode(ids[mid + 1:eot]) + decode_nospace(tok, ids[3:mid])
-    if ids[:2] == [tok.bos_id, tok.prefix_id]:  # PSM
+    if layout == "psm":
         suf, mid, eot = ids.index(tok.suffix_id), ids.index(tok.middle_id), ids.index(tok.eot_id)
         return tok.decode(ids[2:suf]) + decode_nospace(tok, ids[mid + 1:eot]) + decode_nospace(tok, ids[suf + 1:mid])
     if ids[:1] != [tok.bos_id] or ids[-1:] != [tok.eos_id]:
-        raise ValueError("fim_undo: not a training document (starts with bos, then PRE or text ending in eos)")
+        raise ValueError("fim_undo: not a training document (bos + PRE ... EOT, or bos ... eos)")
     return tok.decode(ids[1:-1])

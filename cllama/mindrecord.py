@@ -189,10 +189,10 @@ def read_mindrecord(path: str | os.PathLike | Sequence[str | os.PathLike],
 
 
 def shard_indices(rows: int, num_shards: int | None, shard_id: int | None, shuffle: bool,
-                  seed: int, repeat: int) -> np.ndarray:
-    """Row order one reader sees: a disjoint block of floor(rows/num_shards) rows per shard (of a
-    seeded permutation when shuffling; the rows % num_shards left over are skipped so every rank
-    gets the same count), repeated `repeat` times, reshuffled every epoch."""
+                  seed: int, repeat: int) -> list[np.ndarray]:
+    """Row order one reader sees, one array per epoch: a disjoint block of floor(rows/num_shards)
+    rows per shard (of a seeded permutation when shuffling; the rows % num_shards left over are
+    skipped so every rank gets the same count), reshuffled every epoch."""
     if (num_shards is None) != (shard_id is None):
         raise ValueError("load_dataset: give num_shards and shard_id together (or neither)")
     num_shards, shard_id = (1, 0) if num_shards is None else (num_shards, shard_id)
@@ -202,8 +202,8 @@ def shard_indices(rows: int, num_shards: int | None, shard_id: int | None, shuff
     per = rows // num_shards
     mine = order[shard_id * per:(shard_id + 1) * per]
     if shuffle:
-        return np.concatenate([np.random.default_rng([seed, epoch]).permutation(mine) for epoch in range(repeat)])
-    return np.tile(mine, repeat)
+        return [np.random.default_rng([seed, epoch]).permutation(mine) for epoch in range(repeat)]
+    return [mine] * repeat
 
 
 def load_dataset(path: str | list[str], batch_size: int, columns: list[str] | None = None,
@@ -211,8 +211,9 @@ def load_dataset(path: str | list[str], batch_size: int, columns: list[str] | No
                  num_shards: int | None = None, shard_id: int | None = None):
     """Training batches from one or more MindRecord datasets: a `mindspore.dataset.Dataset`
     yielding int32 arrays (batch, seq_length+1) named "input_ids" (and "labels" for qa data).
-    Shuffling is seeded here (no global seed); epochs are concatenated before batching;
-    num_shards/shard_id give each data-parallel rank a disjoint, equally sized part."""
+    Shuffling is seeded here (MindSpore's global seed is not used); epochs are concatenated before
+    batching (each reshuffled); num_shards/shard_id give each data-parallel rank a disjoint,
+    equally sized part."""
     import mindspore.dataset as ds
 
     if batch_size < 1 or repeat < 1:
@@ -221,9 +222,14 @@ def load_dataset(path: str | list[str], batch_size: int, columns: list[str] | No
     if not paths:
         raise ValueError("load_dataset: no dataset path given")
     files, columns, rows = _check_files([Path(p) for p in paths], columns)
-    order = shard_indices(rows, num_shards, shard_id, shuffle, seed, repeat)
-    if len(order) < batch_size and drop_remainder:
-        raise ValueError(f"{paths[0]}: {len(order)} samples for this reader, fewer than one batch of "
-                         f"{batch_size}; lower batch_size or write more data")
-    dataset = _open(files, columns_list=columns, sampler=ds.SubsetSampler(order.tolist()))
+    epochs = shard_indices(rows, num_shards, shard_id, shuffle, seed, repeat)
+    if len(epochs[0]) * repeat < (batch_size if drop_remainder else 1):
+        raise ValueError(f"{paths[0]}: {len(epochs[0])} samples for this reader ({rows} in all), fewer than "
+                         f"one batch of {batch_size}; lower batch_size or write more data")
+    dataset = None
+    for order in epochs if shuffle else epochs[:1]:
+        part = _open(files, columns_list=columns, sampler=ds.SubsetSampler(order.tolist()))
+        dataset = part if dataset is None else dataset + part
+    if not shuffle and repeat > 1:
+        dataset = dataset.repeat(repeat)
     return dataset.batch(batch_size, drop_remainder=drop_remainder)
