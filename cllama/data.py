@@ -26,12 +26,12 @@ import numpy as np
 
 from cllama.corpus import (IGNORE_ID, TEMPLATES, CodeEncoder, QAEncoder, WikiEncoder, alpaca_to_conversations,
                            code_files, qa_records_to_turns, read_records, wiki_paragraphs)
-from cllama.mindrecord import MindRecordWriter, load_dataset, read_mindrecord, write_mindrecord
+from cllama.mindrecord import MindRecordWriter, load_dataset, read_mindrecord, read_sample, write_mindrecord
 from cllama.tokenizer import Tokenizer, bundled_tokenizer_path
 
 __all__ = ["alpaca_to_conversations", "convert_alpaca", "prepare_qa", "prepare_wiki", "prepare_code",
            "load_dataset", "write_mindrecord", "read_mindrecord", "val_path", "stats_path", "Prepared",
-           "IGNORE_ID"]
+           "IGNORE_ID", "sample_html", "read_sample"]
 MIN_SEQ_LENGTH = 8
 
 
@@ -282,3 +282,49 @@ def prepare_code(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str 
     return _run("code", [(i, str(f)) for i, f in enumerate(files)], len(files), CodeEncoder(tok.path, fim_rate, seed),
                 dst, ["input_ids"], tok, seq_length, val_fraction, seed, shards, workers, progress, 8,
                 {"source": ", ".join(map(str, sources)), "glob": glob, "files": len(files), "fim_rate": fim_rate})
+
+
+def sample_html(tok: Tokenizer, ids: Sequence[int], labels: Sequence[int] | None = None) -> str:
+    """One sample as HTML: masked positions (label IGNORE_ID: system, user turns, first token)
+    grey and struck through, supervised tokens on green, special tokens as tags, trailing
+    padding as one `<pad x N>` tag."""
+    import html
+
+    from cllama.fim import decode_nospace
+
+    ids = [int(i) for i in ids]
+    labels = [int(x) for x in labels] if labels is not None else [None] * len(ids)
+    pads = 0
+    while ids and ids[-1] == tok.pad_id and labels[-1] in (IGNORE_ID, None):
+        ids.pop(), labels.pop()
+        pads += 1
+    special = {i: name for i, name in [(tok.bos_id, "<s>"), (tok.eos_id, "</s>"), (tok.prefix_id, "<PRE>"),
+               (tok.suffix_id, "<SUF>"), (tok.middle_id, "<MID>"), (tok.eot_id, "<EOT>")] if i is not None}
+    style = {"masked": "color:#999;text-decoration:line-through", "trained": "background:#d8f3dc",
+             "plain": "", "tag": "color:#fff;background:#6c757d;border-radius:3px;padding:0 2px"}
+    parts, group, kind = [], [], None
+
+    def flush() -> None:
+        if group:
+            text = html.escape(decode_nospace(tok, group))
+            parts.append(f'<span style="{style[kind]}">{text}</span>')
+
+    for i, label in zip(ids, labels):
+        if i in special:
+            flush()
+            group, kind = [], None
+            tag_style = style["tag"] + (";opacity:0.5" if label == IGNORE_ID else "")
+            parts.append(f'<span style="{tag_style}">{html.escape(special[i])}</span>')
+            continue
+        k = "plain" if label is None else "masked" if label == IGNORE_ID else "trained"
+        if k != kind:
+            flush()
+            group, kind = [], k
+        group.append(i)
+    flush()
+    if pads:
+        parts.append(f'<span style="{style["tag"]};opacity:0.5">&lt;pad x {pads}&gt;</span>')
+    legend = ("<div style='font-size:smaller;color:#555'>grey struck-through: masked (label -100, no loss); "
+              "green: trained (answer)</div>" if labels and labels[0] is not None else "")
+    return (f"{legend}<div style='white-space:pre-wrap;font-family:monospace;line-height:1.5'>"
+            f"{''.join(parts)}</div>")

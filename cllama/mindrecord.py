@@ -188,6 +188,17 @@ def read_mindrecord(path: str | os.PathLike | Sequence[str | os.PathLike],
     return {c: np.stack(v) for c, v in rows.items()}
 
 
+def read_sample(path: str | os.PathLike, index: int = 0) -> dict[str, np.ndarray]:
+    """One row of a dataset (in file order) as {column: int32 array}."""
+    import mindspore.dataset as ds
+
+    files, columns, rows = _check_files([Path(path)], None)
+    if not 0 <= index < rows:
+        raise ValueError(f"{path}: sample {index} out of range (the dataset holds {rows})")
+    dataset = _open(files, columns_list=columns, sampler=ds.SubsetSampler([index]))
+    return next(dataset.create_dict_iterator(output_numpy=True, num_epochs=1))
+
+
 def shard_indices(rows: int, num_shards: int | None, shard_id: int | None, shuffle: bool,
                   seed: int, repeat: int) -> list[np.ndarray]:
     """Row order one reader sees, one array per epoch: a disjoint block of floor(rows/num_shards)
