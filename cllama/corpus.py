@@ -22,7 +22,7 @@ PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
                  "gives helpful, detailed, and polite answers to the user's questions.")
 TEMPLATES = ("vicuna", "inst")
-Turns = list  # [(question, answer), ...]
+Turns = list[tuple[str, str]]  # [(question, answer), ...] of one conversation
 
 
 # ---- JSON records -------------------------------------------------------------------------------

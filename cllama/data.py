@@ -26,7 +26,8 @@ import numpy as np
 
 from cllama.corpus import (IGNORE_ID, TEMPLATES, CodeEncoder, QAEncoder, WikiEncoder, alpaca_to_conversations,
                            code_files, qa_records_to_turns, read_records, wiki_paragraphs)
-from cllama.mindrecord import MindRecordWriter, load_dataset, read_mindrecord, read_sample, write_mindrecord
+from cllama.mindrecord import (MindRecordWriter, load_dataset, read_mindrecord, read_sample, remove_dataset,
+                               write_mindrecord)
 from cllama.tokenizer import Tokenizer, bundled_tokenizer_path
 
 __all__ = ["alpaca_to_conversations", "convert_alpaca", "prepare_qa", "prepare_wiki", "prepare_code",
@@ -212,6 +213,8 @@ def _run(kind: str, units: Iterable, total: int | None, encoder, dst, columns: S
             if val.samples == 0:
                 raise ValueError(f"{params['source']}: val_fraction {val_fraction} held out no complete "
                                  f"sample ({val.units} {what}); raise val_fraction or give more data")
+    if val is None:
+        remove_dataset(val_path(dst))  # an earlier run's held-out set would not match this training set
     stats["seconds"] = round(time.perf_counter() - start, 3)
     stats["tokens_per_second"] = round(sum(lengths) / max(stats["seconds"], 1e-9), 1)
     arr = np.array(lengths, dtype=np.int64)

@@ -46,6 +46,16 @@ def dataset_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
+def remove_dataset(path: str | os.PathLike) -> None:
+    """Delete a dataset's files (`path`, its shards `path0..`, and their `.db` indexes) if present."""
+    path = Path(path)
+    pattern = re.compile(re.escape(path.name) + r"\d*(\.db)?")
+    if path.parent.is_dir():
+        for old in path.parent.iterdir():
+            if pattern.fullmatch(old.name) and old.is_file():
+                old.unlink()
+
+
 class MindRecordWriter:
     """Context manager that writes rows of int32 arrays to `path` (optionally in shards) and
     publishes the files only when the block finishes without an exception.
@@ -119,10 +129,7 @@ class MindRecordWriter:
         self._flush()
         self._writer.commit()
         final = shard_files(self.path, self.shards)
-        pattern = re.compile(re.escape(self.path.name) + r"\d*(\.db)?")
-        for old in self.path.parent.iterdir():  # a previous run's files under this name
-            if pattern.fullmatch(old.name) and old.is_file():
-                old.unlink()
+        remove_dataset(self.path)  # a previous run's files under this name (maybe more shards)
         for f in final:
             os.replace(self.tmp / f"{f.name}.db", f"{f}.db")
         for f in reversed(final):  # shard 0 (the one readers open first) last

@@ -209,6 +209,8 @@ def test_held_out_split_deterministic_and_disjoint(tmp_path, small_conv):
     assert not as_set(train) & as_set(val)
     assert len(train) + len(val) == len(full) and as_set(train) | as_set(val) == as_set(full)
     assert 60 < len(val) < 180 and runs[0].stats["val"]["samples"] == len(val)
+    prepare_qa(small_conv, runs[0].path, seq_length=255, progress=False)  # rerun without a held-out set
+    assert not val_path(runs[0].path).exists() and "val" not in json.loads(stats_path(runs[0].path).read_text())
 
 
 def test_multiprocess_output_equals_single_process(tmp_path, small_conv, codellama_tokenizer_path):
