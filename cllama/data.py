@@ -6,7 +6,8 @@ trees (packed, optional fill-in-the-middle) to MindRecord, and the training read
     load_dataset("out/train.mindrecord", batch_size=8)                   # int32 (8, 257) batches
 
 Every dataset `X.mindrecord` gets `X.stats.json` beside it and, with val_fraction > 0, a held-out
-`X.val.mindrecord` (whole examples/documents, chosen by a generator seeded with `seed`).
+`X.val.mindrecord`: round(val_fraction * n) whole examples / documents (WikiText, streamed: each
+paragraph with probability val_fraction), chosen by a generator seeded with `seed`.
 Tokenization runs in a process pool (`workers`); the output is identical for any worker count.
 """
 from __future__ import annotations
@@ -183,15 +184,20 @@ def _run(kind: str, units: Iterable, total: int | None, encoder, dst, columns: S
     dst = Path(dst)
     start = time.perf_counter()
     split = np.random.default_rng(seed)
+    held_out = None  # known total: exactly round(val_fraction * total) units (at least one), else Bernoulli
+    if total and val_fraction > 0:
+        held_out = set(split.choice(total, max(1, round(val_fraction * total)), replace=False).tolist())
     lengths: list[int] = []
     with ExitStack() as stack:  # exits held-out first, then train; an error discards both
         train = _Sink(stack.enter_context(MindRecordWriter(dst, columns, shards)), seq_length + 1)
         val = _Sink(stack.enter_context(MindRecordWriter(val_path(dst), columns)), seq_length + 1) \
             if val_fraction > 0 else None
         results = stack.enter_context(closing(parallel_map(encoder, units, workers, chunk_size)))
-        for result in tqdm(results, total=total, desc=f"{kind} {dst.name}", unit="doc" if kind != "qa" else "ex",
-                           disable=not progress, mininterval=0.5):
-            sink = val if val is not None and split.random() < val_fraction else train
+        bar = tqdm(results, total=total, desc=f"{kind} {dst.name}", unit="doc" if kind != "qa" else "ex",
+                   disable=not progress, mininterval=0.5)
+        for index, result in enumerate(bar):
+            to_val = val is not None and (index in held_out if held_out is not None else split.random() < val_fraction)
+            sink = val if to_val else train
             lengths.append(result[0])
             if kind == "qa":
                 sink.add_row(*result)

@@ -172,6 +172,16 @@ def test_wiki_chunks_are_the_token_stream(tmp_path, tok):
     assert p.stats["dropped_tokens"] == len(stream) % 16 and p.stats["units"] == 6
 
 
+def test_wiki_held_out_paragraphs(tmp_path, tok):
+    (tmp_path / "wiki.train.tokens").write_text(WIKI * 10, encoding="utf-8")
+    runs = [prepare_wiki(tmp_path / "wiki.train.tokens", tmp_path / f"{i}.mindrecord", seq_length=15, val_fraction=0.3,
+                         seed=4, progress=False) for i in range(2)]
+    assert runs[0].stats["units"] + runs[0].stats["val"]["units"] == 20 and runs[0].stats["val"]["samples"] > 0
+    for name in ("path", "val_path"):
+        a, b = (read_mindrecord(getattr(r, name))["input_ids"] for r in runs)
+        assert np.array_equal(a, b)
+
+
 # ---- code ---------------------------------------------------------------------------------------
 def test_code_chunks_are_the_token_stream(tmp_path, tok):
     files = sorted((p for p in STDLIB.glob("*.py") if p.stat().st_size < 6000), key=str)[:5]
@@ -208,7 +218,7 @@ def test_held_out_split_deterministic_and_disjoint(tmp_path, small_conv):
     as_set = lambda a: {r.tobytes() for r in a}  # noqa: E731
     assert not as_set(train) & as_set(val)
     assert len(train) + len(val) == len(full) and as_set(train) | as_set(val) == as_set(full)
-    assert 60 < len(val) < 180 and runs[0].stats["val"]["samples"] == len(val)
+    assert runs[0].stats["val"]["units"] == 120 and runs[0].stats["val"]["samples"] == len(val)
     prepare_qa(small_conv, runs[0].path, seq_length=255, progress=False)  # rerun without a held-out set
     assert not val_path(runs[0].path).exists() and "val" not in json.loads(stats_path(runs[0].path).read_text())
 
