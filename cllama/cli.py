@@ -247,6 +247,68 @@ def _add_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--device", help="CPU or Ascend (default: detect)")
     p.set_defaults(func=_export)
+# ---- data ---------------------------------------------------------------------------------------
+def _data_alpaca(args) -> int:
+    from cllama.data import convert_alpaca
+
+    _print_json({"conversations": str(args.dst), "records": convert_alpaca(args.src, args.dst)})
+    return 0
+
+
+def _data_prepare(args) -> int:
+    from cllama import data
+
+    common = dict(seq_length=args.seq_length, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                  seed=args.seed, shards=args.shards, workers=args.workers, progress=not args.quiet)
+    if args.action == "qa":
+        prepared = data.prepare_qa(args.src, args.dst, template=args.template, **common)
+    elif args.action == "wiki":
+        prepared = data.prepare_wiki(args.src, args.dst, **common)
+    else:
+        prepared = data.prepare_code(args.src, args.dst, glob=args.glob, max_files=args.max_files,
+                                     fim_rate=args.fim_rate, **common)
+    _print_json({"dataset": str(prepared.path), "val_dataset": prepared.val_path and str(prepared.val_path),
+                 "stats_file": str(prepared.stats_path), **prepared.stats})
+    return 0
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="datasets: Alpaca -> conversations, qa / wiki / code -> MindRecord",
+                       description="Write MindRecord datasets of seq_length+1 int32 tokens. Every DST "
+                       "X.mindrecord gets X.stats.json beside it, and with --val-fraction a held-out "
+                       "X.val.mindrecord; --shards K writes X.mindrecord0..K-1.")
+    cmds = p.add_subparsers(dest="action", required=True)
+    alpaca = cmds.add_parser("alpaca", help="Alpaca JSON -> conversation JSON (MindFormers alpaca_converter)")
+    alpaca.add_argument("--src", required=True, help="Alpaca JSON list of {instruction, input, output}")
+    alpaca.add_argument("--dst", required=True, help="conversation JSON to write")
+    alpaca.set_defaults(func=_data_alpaca)
+
+    def common(q, src_help: str) -> None:
+        q.add_argument("--src", required=True, nargs="+", help=src_help)
+        q.add_argument("--dst", required=True, help="dataset to write, e.g. out/train.mindrecord")
+        q.add_argument("--seq-length", type=int, required=True, help="model seq_length; samples hold N+1 tokens")
+        q.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: the bundled Llama 2 one)")
+        q.add_argument("--val-fraction", type=float, default=0.0,
+                       help="hold out this fraction of examples/documents as X.val.mindrecord (default 0)")
+        q.add_argument("--seed", type=int, default=0, help="seed of the held-out choice and FIM draws")
+        q.add_argument("--shards", type=int, default=1, help="MindRecord files to split the training set into")
+        q.add_argument("--workers", type=int, help="tokenizer processes (default: all cores)")
+        q.add_argument("--quiet", action="store_true", help="no progress bar")
+        q.set_defaults(func=_data_prepare)
+
+    qa = cmds.add_parser("qa", help="conversations (or Alpaca records) -> {input_ids, labels}, prompts masked")
+    common(qa, "conversation JSON from `cllama data alpaca` (Alpaca JSON is converted on the fly)")
+    qa.add_argument("--template", default="vicuna", choices=["vicuna", "inst"],
+                    help="vicuna: Vicuna v1.1 (MindFormers' default); inst: Code Llama - Instruct [INST]")
+    wiki = cmds.add_parser("wiki", help="WikiText -> cleaned paragraphs packed into {input_ids}")
+    common(wiki, "WikiText file(s), e.g. wikitext-2-raw/wiki.train.raw")
+    code = cmds.add_parser("code", help="source files -> documents packed into {input_ids}, optional FIM")
+    common(code, "folder(s) to search with --glob (or files)")
+    code.add_argument("--glob", default="**/*.py", help="file pattern under each folder (default '**/*.py')")
+    code.add_argument("--max-files", type=int, help="use only the first N files (sorted by path)")
+    code.add_argument("--fim-rate", type=float, nargs="?", const=0.9, default=0.0,
+                      help="fill-in-the-middle rate; bare --fim-rate means 0.9 as in Code Llama (default 0: "
+                           "off). Needs a tokenizer with infill pieces (`cllama tokenizer extend`)")
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -259,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_ckpt(sub)
     _add_export(sub)
+    _add_data(sub)
     return parser
 
 

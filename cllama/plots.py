@@ -45,6 +45,33 @@ def memory_per_rank_bars(computed: list[int], measured: list[int] | None = None,
         for s in sorted(set(stages)):
             first, last = stages.index(s), len(stages) - 1 - stages[::-1].index(s)
             ax.text((first + last) / 2, top * 1.05, f"stage {s}", ha="center", fontsize=8)
+def token_length_histogram(lengths, sample_length: int | None = None, title: str = "token lengths",
+                           path: str | os.PathLike | None = None):
+    """Histogram of examples' / documents' token lengths (log-spaced bins when they span a wide
+    range), with the dataset's sample length (seq_length+1) marked and the share above it."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lengths = np.asarray(lengths)
+    lengths = lengths[lengths > 0]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if len(lengths) == 0:
+        ax.text(0.5, 0.5, "no lengths", ha="center", va="center", transform=ax.transAxes)
+        return fig
+    lo, hi = int(lengths.min()), int(lengths.max())
+    log = hi > 50 * max(lo, 1)
+    bins = np.geomspace(max(lo, 1), hi + 1, 40) if log else min(40, hi - lo + 1)
+    ax.hist(lengths, bins=bins, color="#4c72b0")
+    if log:
+        ax.set_xscale("log")
+    if sample_length is not None:
+        over = float((lengths > sample_length).mean())
+        ax.axvline(sample_length, color="#c44e52", linestyle="--",
+                   label=f"sample length {sample_length} ({over:.1%} longer)")
+        ax.legend(loc="upper right")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("count")
+    ax.set_title(f"{title} (n={len(lengths)}, median {int(np.median(lengths))})")
     fig.tight_layout()
     save_figure(fig, path)
     return fig
