@@ -45,6 +45,11 @@ def memory_per_rank_bars(computed: list[int], measured: list[int] | None = None,
         for s in sorted(set(stages)):
             first, last = stages.index(s), len(stages) - 1 - stages[::-1].index(s)
             ax.text((first + last) / 2, top * 1.05, f"stage {s}", ha="center", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig
+
+
 def token_length_histogram(lengths, sample_length: int | None = None, title: str = "token lengths",
                            path: str | os.PathLike | None = None):
     """Histogram of examples' / documents' token lengths (log-spaced bins when they span a wide
