@@ -9,6 +9,7 @@ hd head dim, V vocab.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import mindspore as ms
 import numpy as np
@@ -281,24 +282,37 @@ class CodeLlama(nn.Cell):
                                     self.config.ignore_token_id)
 
     # ---- cached generation ---------------------------------------------------------------------
-    def setup_cache(self, batch_size: int, length: int) -> None:
-        """Preallocate per-layer key/value caches (batch_size, nkv, length, hd). Build new
-        PrefillStep/DecodeStep cells afterwards: compiled graphs hold the old cache."""
+    def setup_cache(self, batch_size: int, length: int) -> "KVCache":
+        """Preallocate per-layer key/value caches (batch_size, nkv, length, hd) and make them
+        current. Compiled PrefillStep/DecodeStep graphs keep the cache that was current when
+        they compiled: to hold several caches, keep the returned KVCache and `use_cache` it
+        before calling (and so compiling) the steps built for it."""
         if length > self.config.seq_length:
             raise ValueError(f"setup_cache: length {length} exceeds ModelConfig.seq_length="
                              f"{self.config.seq_length}; raise seq_length or shorten the request")
         c = self.config
         shape = (batch_size, c.n_kv_heads, length, c.head_dim)
-        for i, layer in enumerate(self.model.layers):
-            layer.attention.set_cache(
-                Parameter(Tensor(np.zeros(shape, np.float32), self.compute_dtype),
-                          name=f"kv_cache.{i}.key", requires_grad=False),
-                Parameter(Tensor(np.zeros(shape, np.float32), self.compute_dtype),
-                          name=f"kv_cache.{i}.value", requires_grad=False))
-        self.cache_shape = (batch_size, length)
+
+        def buffer(i: int, kind: str) -> Parameter:
+            return Parameter(Tensor(np.zeros(shape, np.float32), self.compute_dtype),
+                             name=f"kv_cache.{i}.{kind}", requires_grad=False)
+
         slots = np.stack(np.meshgrid(np.arange(batch_size), np.arange(c.n_kv_heads), indexing="ij"), -1)
-        self.cache_slots = Tensor(slots.astype(np.int32))  # (B, nkv, 2) = [b, h]
-        self.cache_positions = Tensor(np.arange(length, dtype=np.int32))
+        cache = KVCache(keys=[buffer(i, "key") for i in range(c.num_layers)],
+                        values=[buffer(i, "value") for i in range(c.num_layers)],
+                        slots=Tensor(slots.astype(np.int32)),  # (B, nkv, 2) = [b, h]
+                        positions=Tensor(np.arange(length, dtype=np.int32)),
+                        shape=(batch_size, length))
+        self.use_cache(cache)
+        return cache
+
+    def use_cache(self, cache: "KVCache") -> None:
+        """Make `cache` (from setup_cache) the one the next compiled step binds to."""
+        for layer, key, value in zip(self.model.layers, cache.keys, cache.values):
+            layer.attention.set_cache(key, value)
+        self.cache_shape = cache.shape
+        self.cache_slots = cache.slots
+        self.cache_positions = cache.positions
 
     def prefill(self, input_ids: Tensor, last_index: Tensor) -> Tensor:
         """input_ids (B, T) right-padded prompts; last_index (B,) = length - 1 per row.
@@ -325,6 +339,17 @@ class CodeLlama(nn.Cell):
         for layer in self.model.layers:
             x = layer.decode(x, cos, sin, mask, slots)
         return self._logits(self.model.norm_out(x.squeeze(1)))
+
+
+@dataclass
+class KVCache:
+    """Per-layer key/value buffers (B, nkv, L, hd) plus the index tensors decode uses."""
+
+    keys: list
+    values: list
+    slots: Tensor      # (B, nkv, 2) int32 = [b, h]
+    positions: Tensor  # (L,) int32 = 0..L-1
+    shape: tuple       # (B, L)
 
 
 def causal_mask(t: int) -> Tensor:
