@@ -207,11 +207,10 @@ class Generator:
         rng = np.random.default_rng(seed)
         end_ids = set(int(t) for t in stop_ids) | (set() if ignore_eos else {self.eos_id})
         outputs: list[list[int]] = [[] for _ in range(n)]
-        texts: list[str] = [""] * n
-        emitted = [0] * n
+        track = (stop or stream) and self.tokenizer is not None
+        texts = [RowText(self.decode, stop) for _ in range(n)] if track else []
         finish: list[Optional[str]] = [None] * n
         finished_at = [0.0] * n
-        longest_stop = max((len(s) for s in stop), default=0)
 
         def pick(out: np.ndarray) -> np.ndarray:
             if not params.needs_logits:
@@ -235,22 +234,17 @@ class Generator:
                     finish[i] = "eos"
                 else:
                     outputs[i].append(token)
-                    if stop or stream:
-                        before = len(texts[i])
-                        texts[i] = self.decode(outputs[i])
-                        cut = _find_stop(texts[i], stop, before - longest_stop - 4)
-                        if cut is not None:
-                            texts[i], outputs[i] = texts[i][:cut], self._ids_within(outputs[i], cut)
-                            finish[i] = "stop"
+                    if track and texts[i].add(outputs[i]):
+                        outputs[i] = texts[i].ids
+                        finish[i] = "stop"
                     if finish[i] is None and len(outputs[i]) == max_new_tokens:
                         finish[i] = "length"
                 if finish[i] is not None:
                     finished_at[i] = now
                 if stream:
-                    end = len(texts[i]) if finish[i] is not None else _stable_end(texts[i], stop)
-                    if end > emitted[i]:
-                        pieces.append((i, texts[i][emitted[i]:end]))
-                        emitted[i] = end
+                    piece = texts[i].release(final=finish[i] is not None)
+                    if piece:
+                        pieces.append((i, piece))
             if stream:
                 yield pieces
             if all(f is not None for f in finish):
@@ -264,18 +258,11 @@ class Generator:
         for i in range(n):
             text = None
             if self.tokenizer is not None:
-                text = texts[i] if (stop or stream) else self.decode(outputs[i])
+                text = texts[i].text if track else self.decode(outputs[i])
             used = len(outputs[i]) + (finish[i] == "eos")
             seconds = max(finished_at[i] - start, 1e-9)
             results.append(Generation(prompts[i], outputs[i], text, finish[i], used / seconds))
         self.last_generations = results
-
-    def _ids_within(self, ids: list[int], chars: int) -> list[int]:
-        """The longest prefix of ids whose text fits in the first `chars` characters."""
-        keep = len(ids)
-        while keep and len(self.decode(ids[:keep])) > chars:
-            keep -= 1
-        return ids[:keep]
 
     # ---- public API --------------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64,
@@ -367,10 +354,36 @@ class Generator:
             self.last_generations[0].text = self.last_generations[0].text.lstrip()
 
 
-def _find_stop(text: str, stop: Sequence[str], start: int) -> Optional[int]:
-    """Index of the earliest stop string in text (searching from start), or None."""
-    found = [i for i in (text.find(s, max(0, start)) for s in stop) if i >= 0]
-    return min(found) if found else None
+class RowText:
+    """The growing text of one generated row. `add` decodes the whole output after each new
+    token (so multi-byte characters and leading spaces come out right) and cuts at the first
+    stop string; `release` hands out the part that can no longer change."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()) -> None:
+        self.decode, self.stop = decode, [s for s in stop if s]
+        self.longest = max((len(s) for s in self.stop), default=0)
+        self.text, self.ids, self.emitted = "", [], 0
+
+    def add(self, ids: Sequence[int]) -> bool:
+        """Set the row's output ids; True when a stop string appeared (text and ids are then cut:
+        ids keep the tokens whose text lies wholly before the stop)."""
+        before = len(self.text)
+        self.ids, self.text = list(ids), self.decode(ids)
+        found = [i for i in (self.text.find(s, max(0, before - self.longest - 4)) for s in self.stop) if i >= 0]
+        if not found:
+            return False
+        self.text = self.text[:min(found)]
+        while self.ids and len(self.decode(self.ids)) > len(self.text):
+            self.ids.pop()
+        return True
+
+    def release(self, final: bool = False) -> str:
+        """New text that is stable: all of it when final; else hold back an unfinished
+        multi-byte character (U+FFFD at the end) and a tail that may become a stop string."""
+        end = len(self.text) if final else _stable_end(self.text, self.stop)
+        piece = self.text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return piece
 
 
 def _stable_end(text: str, stop: Sequence[str]) -> int:
