@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -25,6 +25,7 @@ from mindspore import Tensor, nn, ops
 
 from cllama.model import CodeLlama, KVCache
 from cllama.sampling import SamplingParams, select_tokens
+from cllama.textstream import RowText
 from cllama.tokenizer import Tokenizer
 
 HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```"]
@@ -333,6 +334,19 @@ class Generator:
             return tok.chat_prompt(dialog), []
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
+    def generate_for(self, prompts: Sequence[str], mode: str = "completion", suffix: str = "",
+                     system: Optional[str] = None, **kwargs) -> list[Generation]:
+        """Generations for text prompts in one mode (infill: each prompt is a prefix before the
+        shared suffix; chat: each prompt is a user turn after the optional system message)."""
+        if isinstance(prompts, str) or not len(prompts):
+            raise ValueError("generate_for: pass a non-empty list of prompts")
+        requests = [self.prompt_for(p, mode, suffix, system) for p in prompts]
+        stop_ids = [*requests[0][1], *kwargs.pop("stop_ids", ())]
+        out = self.generate([ids for ids, _ in requests], stop_ids=stop_ids, **kwargs)
+        for g in out if mode == "chat" else ():
+            g.text = g.text.lstrip()
+        return out
+
     def stream(self, prompt: str, mode: str = "completion", suffix: str = "", system: Optional[str] = None,
                max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                repetition_penalty: float = 1.0, stop: Sequence[str] = (), stop_ids: Sequence[int] = (),
@@ -352,50 +366,6 @@ class Generator:
                     yield piece
         if mode == "chat":
             self.last_generations[0].text = self.last_generations[0].text.lstrip()
-
-
-class RowText:
-    """The growing text of one generated row. `add` decodes the whole output after each new
-    token (so multi-byte characters and leading spaces come out right) and cuts at the first
-    stop string; `release` hands out the part that can no longer change."""
-
-    def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()) -> None:
-        self.decode, self.stop = decode, [s for s in stop if s]
-        self.longest = max((len(s) for s in self.stop), default=0)
-        self.text, self.ids, self.emitted = "", [], 0
-
-    def add(self, ids: Sequence[int]) -> bool:
-        """Set the row's output ids; True when a stop string appeared (text and ids are then cut:
-        ids keep the tokens whose text lies wholly before the stop)."""
-        before = len(self.text)
-        self.ids, self.text = list(ids), self.decode(ids)
-        found = [i for i in (self.text.find(s, max(0, before - self.longest - 4)) for s in self.stop) if i >= 0]
-        if not found:
-            return False
-        self.text = self.text[:min(found)]
-        while self.ids and len(self.decode(self.ids)) > len(self.text):
-            self.ids.pop()
-        return True
-
-    def release(self, final: bool = False) -> str:
-        """New text that is stable: all of it when final; else hold back an unfinished
-        multi-byte character (U+FFFD at the end) and a tail that may become a stop string."""
-        end = len(self.text) if final else _stable_end(self.text, self.stop)
-        piece = self.text[self.emitted:end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
-        return piece
-
-
-def _stable_end(text: str, stop: Sequence[str]) -> int:
-    """How much of a growing text can be shown: hold back an unfinished multi-byte character
-    (U+FFFD at the end) and any tail that could still become a stop string."""
-    end = len(text.rstrip("\ufffd"))
-    for s in stop:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text[end - k:end] == s[:k]:
-                end -= k
-                break
-    return end
 
 
 class TextGenerationPipeline:
@@ -423,6 +393,20 @@ class TextGenerationPipeline:
             top_k=config.top_k if top_k is None else top_k, top_p=config.top_p if top_p is None else top_p,
             repetition_penalty=repetition_penalty, seed=seed, **opts)
         return [{"text_generation_text": [p + g.text]} for p, g in zip(prompts, out)]
+
+
+def write_samples(path: str | os.PathLike, prompts: Sequence[str], generations: Sequence[Generation]) -> Path:
+    """Write [{prompt, text, prompt_ids, output_ids, finish_reason, tokens_per_s}] as JSON
+    (under a temporary name, renamed when complete)."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt": p, **asdict(g)} for p, g in zip(prompts, generations)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def pipeline(task: str = "text_generation", model=None, tokenizer=None, **kwargs) -> TextGenerationPipeline:

@@ -8,8 +8,9 @@ import torch
 from mindspore import Tensor
 
 from cllama.config import ModelConfig
-from cllama.generate import (HUMANEVAL_STOPS, Generator, RowText, batch_bucket, cache_bucket,
+from cllama.generate import (HUMANEVAL_STOPS, Generator, batch_bucket, cache_bucket,
                              pipeline, prompt_bucket)
+from cllama.textstream import RowText
 from cllama.tokenizer import Tokenizer
 from cllama.weights import random_model, save_model_dir
 
