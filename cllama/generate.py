@@ -80,18 +80,30 @@ class PrefillIds(nn.Cell):
 
 
 class DecodeIds(nn.Cell):
-    """One decode step returning the next token per row (argmax in the graph) or logits."""
+    """One windowed decode step (CodeLlama.decode_windowed) returning the next token per row
+    (argmax in the graph) or float32 logits."""
 
     def __init__(self, model: CodeLlama, argmax: bool) -> None:
         super().__init__(auto_prefix=False)
         self.model = model
         self.argmax = argmax
 
-    def construct(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        logits = self.model.decode(input_ids, positions)
+    def construct(self, input_ids: Tensor, positions: Tensor, starts: Tensor) -> Tensor:
+        logits = self.model.decode_windowed(input_ids, positions, starts)
         if self.argmax:
             return ops.argmax(logits, -1).astype(ms.int32)
         return logits
+
+
+class FlushWindow(nn.Cell):
+    """Moves the decode window into the KV cache (CodeLlama.flush_window)."""
+
+    def __init__(self, model: CodeLlama) -> None:
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, starts: Tensor) -> Tensor:
+        return self.model.flush_window(starts)
 
 
 @dataclass
@@ -101,6 +113,7 @@ class Steps:
     cache: KVCache
     prefill: PrefillIds
     decode: DecodeIds
+    flush: FlushWindow
 
 
 # ---- the generator -------------------------------------------------------------------------------
@@ -108,8 +121,9 @@ class Generator:
     """Completion, infilling, chat and streaming around a CodeLlama with a static KV cache."""
 
     def __init__(self, model: CodeLlama, tokenizer: Optional[Tokenizer] = None,
-                 max_length: Optional[int] = None) -> None:
+                 max_length: Optional[int] = None, window: int = 32) -> None:
         config = model.config
+        self.window = window
         self.model, self.tokenizer = model, tokenizer
         self.max_length = min(max_length or config.seq_length, config.seq_length)
         if tokenizer is not None and tokenizer.vocab_size < config.vocab_size:
@@ -176,13 +190,19 @@ class Generator:
         return prompts
 
     def steps_for(self, batch: int, length: int, logits: bool) -> Steps:
-        """The compiled cells of a (batch, cache length) bucket, built on first use."""
+        """The compiled cells of a (batch, cache length) bucket, built on first use; greedy
+        (argmax in the graph) and logits cells of a bucket share its cache."""
         key = (batch, length, logits)
         if key not in self._steps:
-            cache = self.model.setup_cache(batch, length)
+            cache = next((s.cache for (b, n, _), s in self._steps.items() if (b, n) == (batch, length)), None)
+            cache = cache or self.model.setup_cache(batch, length, self.window)
             self._steps[key] = Steps(cache, PrefillIds(self.model, not logits),
-                                     DecodeIds(self.model, not logits))
+                                     DecodeIds(self.model, not logits), FlushWindow(self.model))
         return self._steps[key]
+
+    def clear(self) -> None:
+        """Drop every cached KV buffer and compiled step (frees their memory)."""
+        self._steps.clear()
 
     def _run(self, prompt_ids, max_new_tokens: int, params: SamplingParams, stop: Sequence[str],
              stop_ids: Sequence[int], seed: Optional[int], ignore_eos: bool,
@@ -205,6 +225,7 @@ class Generator:
             ids[i, :len(p)] = p
         positions = np.ones(batch, np.int32)
         positions[:n] = lens
+        starts = positions.copy()  # cache slots from here on live in the decode window
         rng = np.random.default_rng(seed)
         end_ids = set(int(t) for t in stop_ids) | (set() if ignore_eos else {self.eos_id})
         outputs: list[list[int]] = [[] for _ in range(n)]
@@ -250,7 +271,10 @@ class Generator:
                 yield pieces
             if all(f is not None for f in finish):
                 break
-            out = steps.decode(Tensor(tokens.reshape(batch, 1)), Tensor(positions)).asnumpy()
+            if positions[0] - starts[0] == self.window:
+                steps.flush(Tensor(starts))
+                starts = positions.copy()
+            out = steps.decode(Tensor(tokens.reshape(batch, 1)), Tensor(positions), Tensor(starts)).asnumpy()
             positions += 1
             tokens = pick(out)
         elapsed = time.perf_counter() - start
