@@ -124,13 +124,10 @@ def _generate(args) -> int:
                   stop=args.stop or (), stop_ids=stop_ids)
     if args.json or gen.tokenizer is None:
         result = gen.generate([prompt_ids], **kwargs)[0]
-    else:
-        for piece in gen._run([prompt_ids], kwargs.pop("max_new_tokens"), _sampling(kwargs), stream=True,
-                              ignore_eos=False, **kwargs):
-            for _, text in piece:
-                print(text, end="", flush=True)
+    else:  # stream the text as it is decoded
+        result = gen.generate([prompt_ids], on_text=lambda _, piece: print(piece, end="", flush=True),
+                              **kwargs)[0]
         print()
-        result = gen.last_generations[0]
     text = result.text.lstrip() if (args.mode == "chat" and result.text) else result.text
     if args.json:
         _print_json({"mode": args.mode, "prompt_ids": result.prompt_ids, "output_ids": result.output_ids,
@@ -141,12 +138,6 @@ def _generate(args) -> int:
     print(f"[{len(result.output_ids)} tokens, {result.tokens_per_s:.1f} tok/s, {result.finish_reason}]",
           file=sys.stderr)
     return 0
-
-
-def _sampling(kwargs: dict):
-    from cllama.sampling import SamplingParams
-
-    return SamplingParams(*(kwargs.pop(k) for k in ("temperature", "top_k", "top_p", "repetition_penalty")))
 
 
 def _add_generate(sub) -> None:

@@ -57,8 +57,8 @@ class GenerationDemo:
                     self.prompt.value, mode=self.mode.value, suffix=self.suffix.value,
                     system=self.system.value or None, max_new_tokens=self.max_new_tokens.value,
                     temperature=self.temperature.value, top_p=self.top_p.value, seed=self.seed):
-                self.text += piece
-                self.output.append_stdout(piece)
+                self.text += piece  # one growing stdout entry: the browser shows one block
+                self.output.outputs = ({"output_type": "stream", "name": "stdout", "text": self.text},)
             self.last = self.generator.last_generations[0]
             self.speed.value = (f"{len(self.last.output_ids)} tokens, {self.last.tokens_per_s:.1f} tokens/s "
                                 f"({self.last.finish_reason})")

@@ -1,6 +1,7 @@
 """Generation: greedy ids equal transformers' generate, infill layouts and EOT, stops, sampling,
 streaming, errors, the CLI contract. Graphs compile once per module through fixtures."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -225,3 +226,20 @@ def test_cli_generate_json(model_dir, capsys):
     assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--mode", "chat",
                  "--max-new-tokens", "4000"]) == 2
     assert "maximum length" in capsys.readouterr().err
+
+
+def test_cli_prompt_ids_without_tokenizer_and_streaming(model_dir, tmp_path, capsys):
+    from cllama.cli import main
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.ckpt"):
+        shutil.copyfile(model_dir / name, bare / name)
+    assert main(["generate", "--model", str(bare), "--prompt-ids", "1,822,18755", "--max-new-tokens", "6",
+                 "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["prompt_ids"] == [1, 822, 18755] and len(doc["output_ids"]) == 6 and doc["text"] is None
+    assert main(["generate", "--model", str(model_dir), "--prompt-ids", "1,822,18755", "--max-new-tokens",
+                 "6"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip("\n") == Generator.from_dir(model_dir).decode(doc["output_ids"])
