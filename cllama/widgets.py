@@ -8,7 +8,8 @@ from cllama.generate import MODES, Generation, Generator
 
 class GenerationDemo:
     """`display(GenerationDemo(gen))` in a notebook. Clicking "Generate" streams the text into
-    the output area and shows tokens/s; `run()` does the same from code (tests, papermill)."""
+    the output area and shows tokens/s; `run()` does the same from code (tests, papermill).
+    CSS classes for browser tests: cllama-mode, -prompt, -suffix, -system, -generate, -speed, -output."""
 
     def __init__(self, generator: Generator, prompt: str = "def fibonacci(n):", mode: str = "completion",
                  suffix: str = "", system: str = "", max_new_tokens: int = 64, temperature: float = 0.0,
@@ -35,6 +36,10 @@ class GenerationDemo:
         self.output = w.Output(layout=w.Layout(border="1px solid #ccc", min_height="80px", width="95%"))
         self.text = ""
         self.last: Optional[Generation] = None
+        for widget, name in ((self.mode, "mode"), (self.prompt, "prompt"), (self.suffix, "suffix"),
+                             (self.system, "system"), (self.button, "generate"), (self.speed, "speed"),
+                             (self.output, "output")):
+            widget.add_class(f"cllama-{name}")  # stable CSS hooks for browser tests
         self.mode.observe(lambda change: self._show_boxes(), names="value")
         self.button.on_click(lambda _: self.run())
         self._show_boxes()
