@@ -1,10 +1,12 @@
 """Generation with a static KV cache: prefill + one-token decode steps compiled as MindSpore graphs.
 
 Shapes are bucketed (batch to a power of two, prompt to 16..128 by powers of two then multiples
-of 128, cache to multiples of 128) so each (batch, cache) bucket compiles its decode step once;
-the compiled cells live on the Generator and are reused across calls. Greedy decoding takes the
+of 128, cache to multiples of 128) so each (batch, cache) bucket compiles its steps once; the
+compiled cells live on the Generator and are reused across calls. Greedy decoding takes the
 argmax inside the graph, so only token ids cross to the host; sampling (temperature, top-k,
 top-p, repetition penalty) runs on the host from a seeded numpy Generator (cllama/sampling.py).
+Decode steps write new keys/values to a small window buffer that is flushed into the cache every
+`window` steps (a CPU scatter copies the whole Parameter it writes to).
 
     gen = Generator.from_dir("runs/tiny")
     gen.complete(["def fib(n):"], max_new_tokens=64, stop=HUMANEVAL_STOPS)
@@ -19,11 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor
 
-from cllama.model import CodeLlama, KVCache
+from cllama.decoding import (DecodeIds, FlushWindow, PrefillIds, Steps, batch_bucket,  # noqa: F401
+                             cache_bucket, prompt_bucket)
+from cllama.model import CodeLlama
 from cllama.sampling import SamplingParams, select_tokens
 from cllama.textstream import RowText
 from cllama.tokenizer import Tokenizer
@@ -43,77 +46,6 @@ class Generation:
     text: Optional[str]
     finish_reason: str
     tokens_per_s: float
-
-
-# ---- shape buckets -------------------------------------------------------------------------------
-def batch_bucket(n: int) -> int:
-    """Batch rows compiled for n prompts: the next power of two."""
-    return 1 << (n - 1).bit_length()
-
-
-def prompt_bucket(n: int) -> int:
-    """Prefill width for a longest prompt of n tokens: 16, 32, 64, 128, then multiples of 128."""
-    if n <= 128:
-        return max(16, 1 << (n - 1).bit_length())
-    return -(-n // 128) * 128
-
-
-def cache_bucket(n: int, max_length: int) -> int:
-    """Cache slots for n positions: a multiple of 128, at most max_length."""
-    return min(max_length, -(-n // 128) * 128)
-
-
-# ---- compiled steps ------------------------------------------------------------------------------
-class PrefillIds(nn.Cell):
-    """Prefill returning the next token per row (argmax in the graph) or float32 logits."""
-
-    def __init__(self, model: CodeLlama, argmax: bool) -> None:
-        super().__init__(auto_prefix=False)
-        self.model = model
-        self.argmax = argmax
-
-    def construct(self, input_ids: Tensor, last_index: Tensor) -> Tensor:
-        logits = self.model.prefill(input_ids, last_index)
-        if self.argmax:
-            return ops.argmax(logits, -1).astype(ms.int32)
-        return logits
-
-
-class DecodeIds(nn.Cell):
-    """One windowed decode step (CodeLlama.decode_windowed) returning the next token per row
-    (argmax in the graph) or float32 logits."""
-
-    def __init__(self, model: CodeLlama, argmax: bool) -> None:
-        super().__init__(auto_prefix=False)
-        self.model = model
-        self.argmax = argmax
-
-    def construct(self, input_ids: Tensor, positions: Tensor, starts: Tensor) -> Tensor:
-        logits = self.model.decode_windowed(input_ids, positions, starts)
-        if self.argmax:
-            return ops.argmax(logits, -1).astype(ms.int32)
-        return logits
-
-
-class FlushWindow(nn.Cell):
-    """Moves the decode window into the KV cache (CodeLlama.flush_window)."""
-
-    def __init__(self, model: CodeLlama) -> None:
-        super().__init__(auto_prefix=False)
-        self.model = model
-
-    def construct(self, starts: Tensor) -> Tensor:
-        return self.model.flush_window(starts)
-
-
-@dataclass
-class Steps:
-    """A cache bucket's buffers and its compiled prefill/decode cells."""
-
-    cache: KVCache
-    prefill: PrefillIds
-    decode: DecodeIds
-    flush: FlushWindow
 
 
 # ---- the generator -------------------------------------------------------------------------------
