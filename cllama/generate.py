@@ -137,7 +137,7 @@ class Generator:
         self._steps.clear()
 
     def _run(self, prompt_ids, max_new_tokens: int, params: SamplingParams, stop: Sequence[str],
-             stop_ids: Sequence[int], seed: Optional[int], ignore_eos: bool,
+             stop_ids: Sequence[int], rng: np.random.Generator, ignore_eos: bool,
              stream: bool) -> Iterator[list[tuple[int, str]]]:
         """Generate for every prompt; after each step yield the new stable text pieces
         [(row, piece)] (only when stream is true); finally set self.last_generations."""
@@ -158,7 +158,6 @@ class Generator:
         positions = np.ones(batch, np.int32)
         positions[:n] = lens
         starts = positions.copy()  # cache slots from here on live in the decode window
-        rng = np.random.default_rng(seed)
         end_ids = set(int(t) for t in stop_ids) | (set() if ignore_eos else {self.eos_id})
         outputs: list[list[int]] = [[] for _ in range(n)]
         track = (stop or stream) and self.tokenizer is not None
@@ -226,16 +225,30 @@ class Generator:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  repetition_penalty: float = 1.0, stop: Sequence[str] = (), stop_ids: Sequence[int] = (),
                  seed: Optional[int] = None, on_text: Optional[Callable[[int, str], None]] = None,
-                 ignore_eos: bool = False) -> list[Generation]:
+                 ignore_eos: bool = False, batch_size: int = 8) -> list[Generation]:
         """Generate up to max_new_tokens for each prompt (lists of ids, any lengths). Stops a row
         at eos (unless ignore_eos), at any of stop_ids, or at the first stop string (text cut
-        before it). on_text(row, piece) receives text as it becomes stable."""
+        before it). on_text(index, piece) receives text as it becomes stable. More prompts than
+        batch_size run in batches of similar lengths (results keep the input order)."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        for pieces in self._run(prompt_ids, max_new_tokens, params, stop, stop_ids, seed, ignore_eos,
-                                on_text is not None):
-            for row, piece in pieces:
-                on_text(row, piece)
-        return self.last_generations
+        prompts = self._check(prompt_ids, max_new_tokens)
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"generate: batch_size must be a positive integer, got {batch_size!r}")
+        rng = np.random.default_rng(seed)
+        order = list(range(len(prompts)))
+        if len(prompts) > batch_size:
+            order.sort(key=lambda i: -len(prompts[i]))
+        results: list[Generation] = [None] * len(prompts)
+        for begin in range(0, len(order), batch_size):
+            rows = order[begin:begin + batch_size]
+            for pieces in self._run([prompts[i] for i in rows], max_new_tokens, params, stop, stop_ids, rng,
+                                    ignore_eos, on_text is not None):
+                for row, piece in pieces:
+                    on_text(rows[row], piece)
+            for i, g in zip(rows, self.last_generations):
+                results[i] = g
+        self.last_generations = results
+        return results
 
     def complete(self, prompts: Sequence[str], **kwargs) -> list[str]:
         """Continuations of text prompts (bos + prompt), cut at the first stop string."""
@@ -312,8 +325,8 @@ class Generator:
         ids, extra = self.prompt_for(prompt, mode, suffix, system)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         first = mode == "chat"
-        for pieces in self._run([ids], max_new_tokens, params, stop, [*extra, *stop_ids], seed,
-                                ignore_eos, True):
+        rng = np.random.default_rng(seed)
+        for pieces in self._run([ids], max_new_tokens, params, stop, [*extra, *stop_ids], rng, ignore_eos, True):
             for _, piece in pieces:
                 if first:
                     piece = piece.lstrip()

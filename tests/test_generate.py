@@ -66,6 +66,18 @@ def test_compiled_steps_are_reused_across_buckets(gen, tok):
     assert len(gen._steps) >= 2 and long_.finish_reason in ("length", "eos")
 
 
+def test_more_prompts_than_batch_size(gen, tok):
+    """5 prompts in batches of 2 (grouped by length) equal each prompt generated alone."""
+    texts = ["def a():", "import os, sys, re", "x = 1", "class Foo(object):\n    pass", "print"]
+    prompts = [tok.encode(t) for t in texts]
+    seen = []
+    out = gen.generate(prompts, max_new_tokens=6, batch_size=2, ignore_eos=True,
+                       on_text=lambda i, piece: seen.append(i))
+    assert gen.stats["batch"] == 1 and sorted(set(seen)) == [0, 1, 2, 3, 4]
+    for p, g in zip(prompts, out):
+        assert g.prompt_ids == p and g.output_ids == gen.generate([p], max_new_tokens=6, ignore_eos=True)[0].output_ids
+
+
 def test_buckets():
     assert [batch_bucket(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
     assert [prompt_bucket(n) for n in (1, 16, 17, 100, 129, 433)] == [16, 16, 32, 128, 256, 512]
@@ -196,6 +208,8 @@ def test_clear_errors(gen, tok):
         gen.generate([[1, 40000]])
     with pytest.raises(ValueError, match="expected 'assistant'"):
         gen.chat([[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]])
+    with pytest.raises(ValueError, match="batch_size"):
+        gen.generate([[1, 2]], batch_size=0)
     with pytest.raises(ValueError, match="top_p"):
         gen.generate([[1, 2]], temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="needs a tokenizer"):
