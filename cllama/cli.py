@@ -98,6 +98,50 @@ def _add_model(sub) -> None:
     info.set_defaults(func=_model_info)
 
 
+# ---- ranktable ----------------------------------------------------------------------------------
+def _ranktable_make(args) -> int:
+    from cllama import ranktable
+
+    platform = ranktable.platform_rank_table()
+    if platform is not None and not args.ignore_platform:
+        table = ranktable.read_rank_table(platform)
+        print(f"using the ModelArts rank table {platform} (pass --ignore-platform to build one)")
+    else:
+        table = ranktable.make_rank_table(args.device_num, args.server_ip, args.hccn_conf)
+    out = ranktable.write_rank_table(table, args.out or ranktable.default_name(table))
+    _print_json({"rank_table": str(out), "server_count": table["server_count"],
+                 "devices": sum(len(s["device"]) for s in table["server_list"])})
+    return 0
+
+
+def _ranktable_merge(args) -> int:
+    from cllama import ranktable
+
+    table = ranktable.merge_rank_tables(args.tables)
+    out = ranktable.write_rank_table(table, args.out or ranktable.default_name(table))
+    _print_json({"rank_table": str(out), "server_count": table["server_count"],
+                 "devices": sum(len(s["device"]) for s in table["server_list"])})
+    return 0
+
+
+def _add_ranktable(sub) -> None:
+    p = sub.add_parser("ranktable", help="HCCL rank tables for Ascend clusters")
+    cmds = p.add_subparsers(dest="action", required=True)
+    make = cmds.add_parser("make", help="rank table of this server's NPUs")
+    make.add_argument("--device-num", default="[0,8)", help='device id range, e.g. "[0,8)" or "[4,8)"')
+    make.add_argument("--server-ip", help="this server's IP (default: resolved from the hostname)")
+    make.add_argument("--hccn-conf", help="read device IPs from this file (address_<id>=<ip> lines) "
+                                          "instead of hccn_tool or /etc/hccn.conf")
+    make.add_argument("--out", help="output JSON (default: hccl_<N>p_<ids>_<ip>.json)")
+    make.add_argument("--ignore-platform", action="store_true",
+                      help="build a table even when ModelArts provides /user/config/jobstart_hccl.json")
+    make.set_defaults(func=_ranktable_make)
+    merge = cmds.add_parser("merge", help="merge per-server tables (rank ids renumbered in argument order)")
+    merge.add_argument("tables", nargs="+", help="rank table JSON files, in rank order")
+    merge.add_argument("--out", help="output JSON (default: hccl_<N>p_..._<first ip>.json)")
+    merge.set_defaults(func=_ranktable_merge)
+
+
 # ---- entry point --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cllama", description="Code Llama research workbench on MindSpore")
@@ -105,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tokenizer(sub)
     _add_model(sub)
+    _add_ranktable(sub)
     return parser
 
 
