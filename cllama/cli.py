@@ -200,6 +200,219 @@ def _add_ranktable(sub) -> None:
     merge.set_defaults(func=_ranktable_merge)
 
 
+# ---- convert ------------------------------------------------------------------------------------
+def _convert(args) -> int:
+    import warnings
+
+    from cllama import convert
+
+    func = {"hf2ms": convert.hf_to_ms, "ms2hf": convert.ms_to_hf, "meta2ms": convert.meta_to_ms}[args.action]
+    kwargs = {"max_shard_size": args.max_shard_size} if args.action == "ms2hf" else {}
+    if args.action == "meta2ms":
+        kwargs["seq_length"] = args.seq_length
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", convert.VocabularyWarning)  # listed in the summary below
+        summary = func(args.src, args.dst, dtype=args.dtype, progress=not args.no_progress, **kwargs)
+    for message in summary["warnings"]:
+        print(f"cllama convert: warning: {message}", file=sys.stderr)
+    _print_json(summary)
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="weights: Hugging Face / Meta <-> cllama model directory (streaming)")
+    cmds = p.add_subparsers(dest="action", required=True)
+    for action, text, src, dst in (
+            ("hf2ms", "Hugging Face Llama folder -> model directory (MindSpore .ckpt)", "HF_DIR", "MODEL_DIR"),
+            ("ms2hf", "model directory -> Hugging Face folder (safetensors)", "MODEL_DIR", "HF_DIR"),
+            ("meta2ms", "Meta consolidated.NN.pth + params.json -> model directory", "META_DIR", "MODEL_DIR")):
+        c = cmds.add_parser(action, help=text)
+        c.add_argument("--src", required=True, metavar=src)
+        c.add_argument("--dst", required=True, metavar=dst)
+        c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                       help="output dtype (default: keep the stored one)")
+        c.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if action == "ms2hf":
+            c.add_argument("--max-shard-size", default="5GB", help="shard above this size (default 5GB)")
+        if action == "meta2ms":
+            c.add_argument("--seq-length", type=int, default=16384, help="config seq_length (default 16384)")
+        c.set_defaults(func=_convert)
+# ---- ckpt ---------------------------------------------------------------------------------------
+def _layout_args(p, required: bool) -> None:
+    p.add_argument("--dp", type=int, default=None if not required else 1, help="data_parallel")
+    p.add_argument("--mp", type=int, default=None if not required else 1, help="model_parallel")
+    p.add_argument("--pp", type=int, default=None if not required else 1, help="pipeline_stage")
+    p.add_argument("--vocab-emb-dp", action=argparse.BooleanOptionalAction, default=True,
+                   help="replicate embedding and lm_head (MindFormers' default); --no-vocab-emb-dp splits "
+                        "them by vocabulary over model_parallel")
+
+
+def _layouts_from_args(args, config):
+    from cllama.strategy import make_parallel, param_layouts
+
+    parallel = make_parallel(args.dp or 1, args.mp or 1, args.pp or 1, args.vocab_emb_dp)
+    return param_layouts(config, parallel)
+
+
+def _ckpt_strategy(args) -> int:
+    from cllama.config import ModelConfig
+    from cllama.strategy import device_count, memory_per_rank, write_strategy
+
+    if bool(args.model) == bool(args.preset):
+        raise ValueError("give exactly one of --model DIR or --preset NAME")
+    config = ModelConfig.load(args.model) if args.model else ModelConfig.from_name(args.preset)
+    layouts = _layouts_from_args(args, config)
+    path = write_strategy(layouts, args.out, stage_dir=args.stage_dir)
+    itemsize = 2 if config.param_init_type != "float32" else 4
+    _print_json({"strategy": str(path), "devices": device_count(layouts), "params": len(layouts),
+                 "bytes_per_rank": memory_per_rank(layouts, itemsize)})
+    return 0
+
+
+def _ckpt_transform(args) -> int:
+    from cllama.ckpt import transform, transform_rank
+
+    dst_strategy = args.dst_strategy
+    if any(v is not None for v in (args.dp, args.mp, args.pp)):
+        if dst_strategy:
+            raise ValueError("give either --dst-strategy or --dp/--mp/--pp, not both")
+        from cllama.config import ModelConfig
+
+        src = Path(args.src)
+        dst_strategy = _layouts_from_args(args, ModelConfig.load(src if src.is_dir() else src.parent))
+    if args.rank is not None:
+        out = transform_rank(args.src, args.rank, args.dst, args.src_strategy, dst_strategy)
+        _print_json({"rank": args.rank, "checkpoint": str(out), "verified": False})
+        return 0
+    _print_json(transform(args.src, args.dst, args.src_strategy, dst_strategy, verify=not args.no_verify,
+                          overwrite=args.overwrite))
+    return 0
+
+
+def _add_ckpt(sub) -> None:
+    from cllama.config import PRESETS
+
+    p = sub.add_parser("ckpt", help="distributed checkpoints: strategy files, split, merge, re-shard")
+    cmds = p.add_subparsers(dest="action", required=True)
+    st = cmds.add_parser("strategy", help="write the strategy file of a dp/mp/pp layout")
+    st.add_argument("--model", help="model directory (its config.json)")
+    st.add_argument("--preset", choices=sorted(PRESETS), help="or a preset name")
+    _layout_args(st, required=True)
+    st.add_argument("--out", required=True, help="strategy file to write (merged over pipeline stages)")
+    st.add_argument("--stage-dir", help="also keep one strategy file per pipeline stage here")
+    st.set_defaults(func=_ckpt_strategy)
+    tr = cmds.add_parser("transform", help="full -> shards, shards -> full, or layout A -> layout B")
+    tr.add_argument("--src", required=True, help="model dir, .ckpt file, or folder of rank_X/ shards")
+    tr.add_argument("--src-strategy", help="strategy of sharded --src (file or per-stage folder; "
+                                           "default: <src>/strategy.ckpt)")
+    tr.add_argument("--dst", required=True, help="output folder (model dir when merging)")
+    tr.add_argument("--dst-strategy", help="target layout's strategy file or per-stage folder; omit to merge")
+    _layout_args(tr, required=False)
+    tr.add_argument("--rank", type=int, help="write only this destination rank (transform_checkpoint_by_rank)")
+    tr.add_argument("--no-verify", action="store_true", help="skip the round-trip checksum verification")
+    tr.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    tr.set_defaults(func=_ckpt_transform)
+
+
+# ---- export -------------------------------------------------------------------------------------
+def _export(args) -> int:
+    from cllama.runtime import init_context
+
+    init_context(args.device)
+    from cllama.export import DECODE_FILE, PREFILL_FILE, compare_with_model, export_mindir
+    from cllama.weights import load_model_dir
+
+    model = load_model_dir(args.model)
+    seq_length = args.seq_length or model.config.seq_length
+    tokenizer = Path(args.model) / "tokenizer.model"
+    out = export_mindir(model, args.out, args.batch_size, seq_length, overwrite=args.overwrite,
+                        tokenizer_model=tokenizer if tokenizer.is_file() else None)
+    report = {"out": str(out), "prefill": str(out / PREFILL_FILE), "decode": str(out / DECODE_FILE),
+              "batch_size": args.batch_size, "seq_length": seq_length}
+    if args.check:
+        prompt = [[model.config.bos_token_id]]
+        check = compare_with_model(model, out, prompt, args.check)
+        report.update(tokens_equal=check["tokens_equal"], prefill_max_abs_diff=check["prefill_max_abs_diff"])
+    _print_json(report)
+    return 0 if report.get("tokens_equal", True) else 1
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="MindIR prefill + incremental graphs (KV cache as graph inputs/outputs)")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=1, help="static batch size of both graphs")
+    p.add_argument("--seq-length", type=int, default=None, help="static sequence (cache) length; "
+                                                                "default: the model's seq_length")
+    p.add_argument("--check", type=int, default=0, metavar="N",
+                   help="reload the graphs and compare N greedy tokens with the in-framework model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--device", help="CPU or Ascend (default: detect)")
+    p.set_defaults(func=_export)
+# ---- data ---------------------------------------------------------------------------------------
+def _data_alpaca(args) -> int:
+    from cllama.data import convert_alpaca
+
+    _print_json({"conversations": str(args.dst), "records": convert_alpaca(args.src, args.dst)})
+    return 0
+
+
+def _data_prepare(args) -> int:
+    from cllama import data
+
+    common = dict(seq_length=args.seq_length, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                  seed=args.seed, shards=args.shards, workers=args.workers, progress=not args.quiet)
+    if args.action == "qa":
+        prepared = data.prepare_qa(args.src, args.dst, template=args.template, **common)
+    elif args.action == "wiki":
+        prepared = data.prepare_wiki(args.src, args.dst, **common)
+    else:
+        prepared = data.prepare_code(args.src, args.dst, glob=args.glob, max_files=args.max_files,
+                                     fim_rate=args.fim_rate, **common)
+    _print_json({"dataset": str(prepared.path), "val_dataset": prepared.val_path and str(prepared.val_path),
+                 "stats_file": str(prepared.stats_path), **prepared.stats})
+    return 0
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="datasets: Alpaca -> conversations, qa / wiki / code -> MindRecord",
+                       description="Write MindRecord datasets of seq_length+1 int32 tokens. Every DST "
+                       "X.mindrecord gets X.stats.json beside it, and with --val-fraction a held-out "
+                       "X.val.mindrecord; --shards K writes X.mindrecord0..K-1.")
+    cmds = p.add_subparsers(dest="action", required=True)
+    alpaca = cmds.add_parser("alpaca", help="Alpaca JSON -> conversation JSON (MindFormers alpaca_converter)")
+    alpaca.add_argument("--src", required=True, help="Alpaca JSON list of {instruction, input, output}")
+    alpaca.add_argument("--dst", required=True, help="conversation JSON to write")
+    alpaca.set_defaults(func=_data_alpaca)
+
+    def common(q, src_help: str) -> None:
+        q.add_argument("--src", required=True, nargs="+", help=src_help)
+        q.add_argument("--dst", required=True, help="dataset to write, e.g. out/train.mindrecord")
+        q.add_argument("--seq-length", type=int, required=True, help="model seq_length; samples hold N+1 tokens")
+        q.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: the bundled Llama 2 one)")
+        q.add_argument("--val-fraction", type=float, default=0.0,
+                       help="hold out this fraction of examples/documents as X.val.mindrecord (default 0)")
+        q.add_argument("--seed", type=int, default=0, help="seed of the held-out choice and FIM draws")
+        q.add_argument("--shards", type=int, default=1, help="MindRecord files to split the training set into")
+        q.add_argument("--workers", type=int, help="tokenizer processes (default: all cores)")
+        q.add_argument("--quiet", action="store_true", help="no progress bar")
+        q.set_defaults(func=_data_prepare)
+
+    qa = cmds.add_parser("qa", help="conversations (or Alpaca records) -> {input_ids, labels}, prompts masked")
+    common(qa, "conversation JSON from `cllama data alpaca` (Alpaca JSON is converted on the fly)")
+    qa.add_argument("--template", default="vicuna", choices=["vicuna", "inst"],
+                    help="vicuna: Vicuna v1.1 (MindFormers' default); inst: Code Llama - Instruct [INST]")
+    wiki = cmds.add_parser("wiki", help="WikiText -> cleaned paragraphs packed into {input_ids}")
+    common(wiki, "WikiText file(s), e.g. wikitext-2-raw/wiki.train.raw")
+    code = cmds.add_parser("code", help="source files -> documents packed into {input_ids}, optional FIM")
+    common(code, "folder(s) to search with --glob (or files)")
+    code.add_argument("--glob", default="**/*.py", help="file pattern under each folder (default '**/*.py')")
+    code.add_argument("--max-files", type=int, help="use only the first N files (sorted by path)")
+    code.add_argument("--fim-rate", type=float, nargs="?", const=0.9, default=0.0,
+                      help="fill-in-the-middle rate; bare --fim-rate means 0.9 as in Code Llama (default 0: "
+                           "off). Needs a tokenizer with infill pieces (`cllama tokenizer extend`)")
+
+
 # ---- entry point --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cllama", description="Code Llama research workbench on MindSpore")
@@ -209,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(sub)
     _add_train(sub)
     _add_ranktable(sub)
+    _add_convert(sub)
+    _add_ckpt(sub)
+    _add_export(sub)
+    _add_data(sub)
     return parser
 
 

@@ -177,6 +177,21 @@ class Attention(nn.Cell):
         value_cache = ops.scatter_nd_update(self.value_cache, slots, v.reshape(b, self.nkv, self.hd))
         return self.wo(self._attend(q, key_cache, value_cache, mask))
 
+    # functional variants: caches are inputs/outputs, not Parameters (exported graphs)
+    def prefill_kv(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor):
+        """Like `prefill`; returns (out, k, v) with k, v (B, nkv, T, hd) instead of writing a cache."""
+        q, k, v = self._qkv(x, cos, sin)
+        return self.wo(self._attend(q, k, v, mask)), k, v
+
+    def decode_kv(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Tensor,
+                  key_cache: Tensor, value_cache: Tensor):
+        """Like `decode` with caches (B, nkv, L, hd) passed in; returns (out, key_cache, value_cache)."""
+        q, k, v = self._qkv(x, cos, sin)
+        b = x.shape[0]
+        key_cache = ops.tensor_scatter_update(key_cache, slots, k.reshape(b, self.nkv, self.hd))
+        value_cache = ops.tensor_scatter_update(value_cache, slots, v.reshape(b, self.nkv, self.hd))
+        return self.wo(self._attend(q, key_cache, value_cache, mask)), key_cache, value_cache
+
 
 def _fill_front(cache: Tensor, new: Tensor) -> Tensor:
     """cache (B, nkv, L, hd) with slots 0..T-1 replaced by new (B, nkv, T, hd)."""
@@ -220,6 +235,18 @@ class DecoderLayer(nn.Cell):
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Tensor) -> Tensor:
         x = x + self.attention.decode(self.attention_norm(x), cos, sin, mask, slots)
         return x + self.feed_forward(self.ffn_norm(x))
+
+    def prefill_kv(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor):
+        h, k, v = self.attention.prefill_kv(self.attention_norm(x), cos, sin, mask)
+        x = x + h
+        return x + self.feed_forward(self.ffn_norm(x)), k, v
+
+    def decode_kv(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Tensor,
+                  key_cache: Tensor, value_cache: Tensor):
+        h, key_cache, value_cache = self.attention.decode_kv(self.attention_norm(x), cos, sin, mask, slots,
+                                                             key_cache, value_cache)
+        x = x + h
+        return x + self.feed_forward(self.ffn_norm(x)), key_cache, value_cache
 
 
 class LlamaModel(nn.Cell):
@@ -330,6 +357,41 @@ class CodeLlama(nn.Cell):
         for layer in self.model.layers:
             x = layer.decode(x, cos, sin, mask, slots)
         return self._logits(self.model.norm_out(x.squeeze(1)))
+
+    # ---- functional cached generation: caches as explicit inputs/outputs (exported graphs) -----
+    def prefill_kv(self, input_ids: Tensor, last_index: Tensor):
+        """`prefill` without Parameters: returns (logits (B, V), keys, values) with keys/values
+        (layers, B, nkv, T, hd), the cache of a T-slot generation for `decode_kv`."""
+        t = input_ids.shape[1]
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        mask = causal_mask(t).astype(ms.float32) * MASK_VALUE
+        x = self.model.tok_embeddings(input_ids).astype(self.compute_dtype)
+        keys, values = (), ()
+        for layer in self.model.layers:
+            x, k, v = layer.prefill_kv(x, cos, sin, mask)
+            keys += (k,)
+            values += (v,)
+        last = ops.gather_elements(x, 1, last_index.reshape(-1, 1, 1).broadcast_to((-1, 1, x.shape[2])))
+        return self._logits(self.model.norm_out(last.squeeze(1))), ops.stack(keys), ops.stack(values)
+
+    def decode_kv(self, input_ids: Tensor, positions: Tensor, keys: Tensor, values: Tensor):
+        """`decode` without Parameters: input_ids (B, 1) at positions (B,), keys/values
+        (layers, B, nkv, L, hd); returns (logits (B, V), keys, values) with the new token written."""
+        b, nkv, length = input_ids.shape[0], self.config.n_kv_heads, keys.shape[3]
+        cos = ops.gather(self.rope_cos, positions, 0).reshape(b, 1, 1, -1)
+        sin = ops.gather(self.rope_sin, positions, 0).reshape(b, 1, 1, -1)
+        hidden = ops.arange(length, dtype=ms.int32).reshape(1, -1) > positions.reshape(-1, 1)  # (B, L)
+        mask = hidden.astype(ms.float32).reshape(b, 1, 1, -1) * MASK_VALUE
+        rows = ops.arange(b, dtype=ms.int32).reshape(b, 1, 1).broadcast_to((b, nkv, 1))
+        heads = ops.arange(nkv, dtype=ms.int32).reshape(1, nkv, 1).broadcast_to((b, nkv, 1))
+        slots = ops.concat((rows, heads, positions.reshape(b, 1, 1).broadcast_to((b, nkv, 1))), -1)
+        x = self.model.tok_embeddings(input_ids).astype(self.compute_dtype)
+        new_keys, new_values = (), ()
+        for i, layer in enumerate(self.model.layers):
+            x, k, v = layer.decode_kv(x, cos, sin, mask, slots, keys[i], values[i])
+            new_keys += (k,)
+            new_values += (v,)
+        return self._logits(self.model.norm_out(x.squeeze(1))), ops.stack(new_keys), ops.stack(new_values)
 
 
 def causal_mask(t: int) -> Tensor:

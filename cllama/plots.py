@@ -15,3 +15,68 @@ def save_figure(fig, path: str | os.PathLike | None) -> Path | None:
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     os.replace(tmp, path)
     return path
+
+
+def memory_per_rank_bars(computed: list[int], measured: list[int] | None = None,
+                         stages: list[int] | None = None, title: str = "weights per rank",
+                         path: str | os.PathLike | None = None):
+    """Bar chart of weight memory per rank in MiB: what the layout implies (`computed`) and, when
+    given, the shard files' sizes on disk (`measured`); bars are coloured by pipeline stage."""
+    import matplotlib.pyplot as plt
+
+    ranks = list(range(len(computed)))
+    stages = list(stages) if stages is not None else [0] * len(computed)
+    colors = [plt.cm.tab10(s % 10) for s in stages]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(ranks) + 2), 3.2))
+    width = 0.4 if measured is not None else 0.7
+    offset = -width / 2 if measured is not None else 0.0
+    ax.bar([r + offset for r in ranks], [b / 2**20 for b in computed], width, color=colors, label="layout")
+    if measured is not None:
+        ax.bar([r + width / 2 for r in ranks], [b / 2**20 for b in measured], width, color=colors,
+               alpha=0.45, hatch="//", label="shard file")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xticks(ranks)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("MiB")
+    ax.set_title(title)
+    if len(set(stages)) > 1:
+        top = max(max(computed), max(measured or [0])) / 2**20
+        ax.set_ylim(0, top * 1.15)
+        for s in sorted(set(stages)):
+            first, last = stages.index(s), len(stages) - 1 - stages[::-1].index(s)
+            ax.text((first + last) / 2, top * 1.05, f"stage {s}", ha="center", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig
+
+
+def token_length_histogram(lengths, sample_length: int | None = None, title: str = "token lengths",
+                           path: str | os.PathLike | None = None):
+    """Histogram of examples' / documents' token lengths (log-spaced bins when they span a wide
+    range), with the dataset's sample length (seq_length+1) marked and the share above it."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lengths = np.asarray(lengths)
+    lengths = lengths[lengths > 0]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if len(lengths) == 0:
+        ax.text(0.5, 0.5, "no lengths", ha="center", va="center", transform=ax.transAxes)
+        return fig
+    lo, hi = int(lengths.min()), int(lengths.max())
+    log = hi > 50 * max(lo, 1)
+    bins = np.geomspace(max(lo, 1), hi + 1, 40) if log else min(40, hi - lo + 1)
+    ax.hist(lengths, bins=bins, color="#4c72b0")
+    if log:
+        ax.set_xscale("log")
+    if sample_length is not None:
+        over = float((lengths > sample_length).mean())
+        ax.axvline(sample_length, color="#c44e52", linestyle="--",
+                   label=f"sample length {sample_length} ({over:.1%} longer)")
+        ax.legend(loc="upper right")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("count")
+    ax.set_title(f"{title} (n={len(lengths)}, median {int(np.median(lengths))})")
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig

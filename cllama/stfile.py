@@ -1,11 +1,11 @@
-"""A small safetensors reader: header + memory-mapped tensors, bfloat16 included, one at a time."""
+"""Small safetensors reader and streaming writer: tensors one at a time, bfloat16 included."""
 from __future__ import annotations
 
 import json
 import os
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
@@ -75,6 +75,113 @@ class SafetensorsFile:
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.entries:
             yield name, self.get(name)
+
+    def chunks(self, name: str, max_bytes: int) -> Iterator[np.ndarray]:
+        """The stored tensor's flat contents (bfloat16 as uint16 bits) read with plain file reads
+        (not mmap, so pages do not stay in this process), at most `max_bytes` per piece; each
+        piece is overwritten by the next."""
+        entry = self.entries[name]
+        if entry["dtype"] not in NP_DTYPES:
+            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        start, end = entry["data_offsets"]
+        with open(self.path, "rb", buffering=0) as f:
+            yield from iter_file_chunks(f, self.data_start + start, end - start,
+                                        np.dtype(NP_DTYPES[entry["dtype"]]), max_bytes)
+
+
+def iter_file_chunks(f: BinaryIO, offset: int, nbytes: int, dtype: np.dtype,
+                     max_bytes: int) -> Iterator[np.ndarray]:
+    """Read `nbytes` at `offset` of an open file as `dtype` arrays of at most `max_bytes` (rounded
+    down to whole items), reusing one buffer; a short read is a ValueError naming the file."""
+    step = max(dtype.itemsize, min(max_bytes, nbytes) // dtype.itemsize * dtype.itemsize)
+    buf = np.empty(step // dtype.itemsize, dtype)
+    f.seek(offset)
+    done = 0
+    while done < nbytes:
+        n = min(step, nbytes - done)
+        view = memoryview(buf).cast("B")[:n]
+        got = f.readinto(view)
+        while got and got < n:  # readinto may return less than asked
+            more = f.readinto(view[got:])
+            got += more or 0
+            if not more:
+                break
+        if got != n:
+            raise ValueError(f"{getattr(f, 'name', 'file')}: truncated: wanted {nbytes} bytes at offset "
+                             f"{offset}, the file ends after {done + (got or 0)}")
+        done += n
+        yield buf[: n // dtype.itemsize]
+
+
+class SafetensorsWriter:
+    """Write one .safetensors file tensor by tensor: the header (all names, dtypes and shapes,
+    known up front) first, then each tensor's bytes in the given order, any chunking. Written under
+    `<path>.partial`; `close()` renames it. As a context manager an exception removes the file."""
+
+    def __init__(self, path: str | os.PathLike, tensors: Sequence[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict | None = None) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+        self.order, self.sizes, offset = [], {}, 0
+        for name, code, shape in tensors:
+            size = int(np.prod(shape, dtype=np.int64)) * np.dtype(NP_DTYPES[code]).itemsize
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.order.append(name)
+            self.sizes[name] = size
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned, as safetensors does
+        self.file = open(self.tmp, "wb")
+        self.file.write(struct.pack("<Q", len(blob)) + blob)
+        self._next = 0
+        self._left = 0
+
+    def begin(self, name: str) -> None:
+        """Start the next tensor; names must come in the order given to the constructor."""
+        if self._left:
+            raise ValueError(f"{self.tmp}: tensor {self.order[self._next - 1]!r} is missing {self._left} bytes")
+        if self._next >= len(self.order) or self.order[self._next] != name:
+            raise ValueError(f"{self.tmp}: expected tensor {self.order[self._next:self._next + 1]}, got {name!r}")
+        self._next += 1
+        self._left = self.sizes[name]
+
+    def write(self, data: np.ndarray) -> None:
+        view = memoryview(np.ascontiguousarray(data)).cast("B")
+        if len(view) > self._left:
+            raise ValueError(f"{self.tmp}: tensor {self.order[self._next - 1]!r} got too many bytes")
+        self.file.write(view)
+        self._left -= len(view)
+
+    def close(self, rename: bool = True) -> Path:
+        """Finish the file; rename it to its final name unless `rename` is False (then the caller
+        renames `self.tmp`, e.g. after every shard of a sharded checkpoint is complete)."""
+        if self._left or self._next != len(self.order):
+            raise ValueError(f"{self.tmp}: closed before every tensor was written")
+        self.file.close()
+        if not rename:
+            return self.tmp
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if self.file.closed:
+            return
+        if kind is not None:
+            self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
