@@ -126,11 +126,6 @@ class AdamW(nn.Cell):
                  eps: float = 1e-8, weight_decay: float = 0.0, bias_correction: bool = False,
                  fused: Optional[bool] = None) -> None:
         super().__init__(auto_prefix=False)
-        for name, value, low, high in (("beta1", beta1, 0.0, 1.0), ("beta2", beta2, 0.0, 1.0)):
-            if not low <= value < high:
-                raise ValueError(f"optimizer.{name}: must be in [0, 1) (got {value})")
-        if eps <= 0 or weight_decay < 0:
-            raise ValueError(f"optimizer: eps must be > 0 and weight_decay >= 0 (got {eps}, {weight_decay})")
         self.params = ms.ParameterTuple(params)
         self.moments1 = ms.ParameterTuple([_state(p, "adam_m") for p in params])
         self.moments2 = ms.ParameterTuple([_state(p, "adam_v") for p in params])
@@ -192,9 +187,8 @@ def _state(param: Parameter, prefix: str) -> Parameter:
                      requires_grad=False)
 
 
-def build_optimizer(block: dict, params: Sequence[Parameter], source: str = "optimizer",
-                    fused: Optional[bool] = None) -> AdamW:
-    """An AdamW from a YAML `optimizer:` block; `type` picks the flavour (see OPTIMIZERS)."""
+def optimizer_settings(block: dict, source: str = "optimizer") -> dict:
+    """Check a YAML `optimizer:` block; the AdamW keyword arguments it stands for."""
     kind = block.get("type", "FP32StateAdamWeightDecay")
     if kind not in OPTIMIZERS:
         raise ValueError(f"{source}.type: {kind!r} is not supported; use one of {list(OPTIMIZERS)} "
@@ -204,7 +198,19 @@ def build_optimizer(block: dict, params: Sequence[Parameter], source: str = "opt
         raise ValueError(f"{source}: unknown keys {unknown}; valid keys are {list(OPTIMIZER_KEYS)}")
     defaults = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
     values = {k: _number(block.get(k, d), f"{source}.{k}") for k, d in defaults.items()}
-    return AdamW(params, bias_correction=OPTIMIZERS[kind], fused=fused, **values)
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= values[name] < 1.0:
+            raise ValueError(f"{source}.{name}: must be in [0, 1) (got {values[name]})")
+    if values["eps"] <= 0 or values["weight_decay"] < 0:
+        raise ValueError(f"{source}: eps must be > 0 and weight_decay >= 0 (got {values['eps']}, "
+                         f"{values['weight_decay']})")
+    return {"bias_correction": OPTIMIZERS[kind], **values}
+
+
+def build_optimizer(block: dict, params: Sequence[Parameter], source: str = "optimizer",
+                    fused: Optional[bool] = None) -> AdamW:
+    """An AdamW from a YAML `optimizer:` block; `type` picks the flavour (see OPTIMIZERS)."""
+    return AdamW(params, fused=fused, **optimizer_settings(block, source))
 
 
 def numpy_state(optimizer: AdamW) -> dict[str, np.ndarray]:

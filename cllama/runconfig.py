@@ -180,8 +180,9 @@ def parse_run_config(doc: dict, source: str = "run config") -> RunConfig:
             run.keep_checkpoints = _int(cb.get("keep_checkpoint_max", 5), "CheckpointMointor.keep_checkpoint_max", bad, 0)
     tokenizer = ((doc.get("processor") or {}).get("tokenizer") or {}).get("vocab_file")
     run.tokenizer = str(tokenizer or "")
-    from cllama.optim import build_lr_schedule
+    from cllama.optim import build_lr_schedule, optimizer_settings
 
+    optimizer_settings(run.optimizer, source=f"{source}: optimizer")
     build_lr_schedule(run.lr_schedule, 1000, source=f"{source}: lr_schedule")  # checks the block
     return run
 

@@ -51,25 +51,9 @@ class TrainResult:
 def open_dataset(paths: list[str], batch_size: int, shuffle: bool = True, seed: int = 0, repeat: int = 1):
     """Batched training data, a mindspore.dataset yielding int32 (batch, seq_length+1) input_ids
     (and labels for finetuning data): the one place that knows the reader."""
-    return _load_dataset(paths, batch_size, shuffle=shuffle, seed=seed, repeat=repeat)
+    from cllama.data import load_dataset
 
-
-def _load_dataset(path, batch_size: int, shuffle: bool = True, seed: int = 0, repeat: int = 1):
-    """MindRecord batches, epochs concatenated, each in a seeded permutation (stands in for
-    cllama.data.load_dataset of the data issue)."""
-    import mindspore.dataset as ds
-
-    paths = [str(p) for p in ([path] if isinstance(path, (str, os.PathLike)) else path)]
-    for p in paths:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"{p}: dataset not found; write one with `cllama data ...`")
-    rows = ds.MindDataset(paths, shuffle=False).get_dataset_size()
-    dataset = None
-    for epoch in range(repeat):
-        order = np.random.default_rng([seed, epoch]).permutation(rows) if shuffle else np.arange(rows)
-        part = ds.MindDataset(paths, sampler=ds.SubsetSampler(order.tolist()))
-        dataset = part if dataset is None else dataset + part
-    return dataset.batch(batch_size, drop_remainder=True)
+    return load_dataset(paths, batch_size, shuffle=shuffle, seed=seed, repeat=repeat)
 
 
 def rank_batches(dataset, rank: int, world: int, skip: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
