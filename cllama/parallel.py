@@ -90,8 +90,9 @@ class ParallelEnv:
 
 
 def launched_by_msrun() -> bool:
-    """True in a worker started by msrun (it sets MS_ROLE=MS_WORKER and MS_WORKER_NUM)."""
-    return os.environ.get("MS_ROLE") == "MS_WORKER" and int(os.environ.get("MS_WORKER_NUM", "1")) > 1
+    """True in a process msrun started: a worker (MS_ROLE=MS_WORKER) or the scheduler (MS_SCHED),
+    which runs the same script and serves the cluster inside `init()`."""
+    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED") and "MS_WORKER_NUM" in os.environ
 
 
 def parallel_mode_name(value: Any) -> str:
@@ -149,7 +150,8 @@ def auto_parallel_settings(config: ParallelConfig, parallel: dict | None, device
 def init_parallel(config: ParallelConfig, parallel: dict | None = None, model: ModelConfig | None = None,
                   device: str | None = None) -> ParallelEnv:
     """Initialise communication and `set_auto_parallel_context` when launched by msrun; on one
-    device (no msrun) it does nothing and returns rank 0 of 1."""
+    device (no msrun) it does nothing and returns rank 0 of 1. Call it before any output: in
+    msrun's scheduler process `init()` serves the cluster and the process ends there."""
     if not launched_by_msrun():
         return ParallelEnv()
     import mindspore as ms

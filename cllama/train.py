@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from cllama.parallel import ParallelEnv, init_parallel, msrun_command
+from cllama.parallel import init_parallel, msrun_command
 from cllama.runconfig import RunConfig, save_run_config
 from cllama.trainer import read_metrics
 
@@ -126,10 +126,10 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
         raise ValueError(f"{run.source}: train_dataset.data_loader.dataset_dir is empty; point it at a "
                          "MindRecord file written by `cllama data ...`")
     device = _device(run)
-    env = init_parallel(run.parallel_config, run.parallel, run.model, device) if run.use_parallel else ParallelEnv()
-    if not run.use_parallel and run.parallel_config.device_num > 1 and device != "CPU":
-        raise ValueError(f"{run.source}: parallel_config asks for {run.parallel_config.device_num} devices but "
-                         "use_parallel is False; set use_parallel: True and launch with msrun")
+    env = init_parallel(run.parallel_config, run.parallel, run.model, device)  # no-op unless msrun started us
+    if env.world == 1 and run.use_parallel and run.parallel_config.device_num > 1:
+        raise ValueError(f"{run.source}: use_parallel with parallel_config for {run.parallel_config.device_num} "
+                         "devices, but this is a single process; launch it with msrun (see `cllama train --check`)")
     out = Path(run.output_dir)
     ckpt_root = out / "checkpoints"
     resume = run.resume_training if resume is None else resume
