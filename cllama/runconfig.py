@@ -97,15 +97,24 @@ def set_key(doc: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def find_config(path: str | os.PathLike) -> Path:
+    """`path` as given, else relative to the repository root (so `configs/tiny/pretrain.yaml` works
+    from notebooks/ too)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    beside = Path(__file__).resolve().parents[1] / path
+    if not path.is_absolute() and beside.is_file():
+        return beside
+    raise FileNotFoundError(f"{path}: run config not found (see configs/tiny/pretrain.yaml)")
+
+
 def load_run_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
     """Read a run YAML (MindFormers layout), apply dotted-key overrides, check every section."""
     import yaml
 
-    path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: run config not found (see configs/tiny/pretrain.yaml)") from None
+    path = find_config(path)
+    doc = yaml.safe_load(path.read_text())
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: not a YAML mapping of run settings")
     for key, value in (overrides or {}).items():

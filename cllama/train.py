@@ -73,6 +73,8 @@ def rank_batches(dataset, rank: int, world: int, skip: int = 0) -> Iterator[tupl
 def _device(run: RunConfig) -> str:
     from cllama.runtime import detect_device, init_context
 
+    if run.device == "CPU":
+        return init_context("CPU", "graph", seed=run.seed)
     found = detect_device()
     want = found if run.device == "auto" else run.device
     if want != found:
@@ -239,17 +241,16 @@ def _evaluator(run: RunConfig, model, eval_cell_type) -> Callable[[], float]:
     from mindspore import Tensor
 
     cell = eval_cell_type(model)
+    batch = min(run.batch_size, open_dataset(run.eval_data, 1, False).get_dataset_size())
 
     def evaluate() -> float:
         model.set_train(False)
         losses = []
-        for i, (ids, labels) in enumerate(rank_batches(open_dataset(run.eval_data, run.batch_size, False), 0, 1)):
+        for i, (ids, labels) in enumerate(rank_batches(open_dataset(run.eval_data, batch, False), 0, 1)):
             if run.eval_batches and i >= run.eval_batches:
                 break
             losses.append(float(cell(Tensor(ids, ms.int32), Tensor(labels, ms.int32)).asnumpy()))
         model.set_train(True)
-        if not losses:
-            raise ValueError(f"{run.eval_data[0]}: fewer samples than one batch of {run.batch_size}")
         return float(np.mean(losses))
 
     return evaluate
