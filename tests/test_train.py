@@ -183,5 +183,5 @@ def test_cli_check_prints_the_cluster_plan(capsys):
     assert main(["train", "--config", str(CARD_34B), "--print-msrun", "--devices-per-node", "4"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and lines[0].startswith("msrun --worker_num=16 --local_worker_num=4")
-    assert main(["train", "--config", str(tmp := FINETUNE), "--set", "optimizer.type=SGD"]) == 2
+    assert main(["train", "--config", str(FINETUNE), "--set", "optimizer.type=SGD"]) == 2
     assert "optimizer.type: 'SGD'" in capsys.readouterr().err
