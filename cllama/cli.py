@@ -411,6 +411,67 @@ def _add_data(sub) -> None:
     code.add_argument("--fim-rate", type=float, nargs="?", const=0.9, default=0.0,
                       help="fill-in-the-middle rate; bare --fim-rate means 0.9 as in Code Llama (default 0: "
                            "off). Needs a tokenizer with infill pieces (`cllama tokenizer extend`)")
+# ---- generate -----------------------------------------------------------------------------------
+def _generate(args) -> int:
+    from cllama.runtime import init_context
+
+    init_context(args.device)
+    from cllama.generate import Generator
+
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise ValueError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    gen = Generator.from_dir(args.model, args.tokenizer)
+    stop_ids: list[int] = []
+    if args.prompt_ids is not None:
+        try:
+            prompt_ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--prompt-ids {args.prompt_ids!r}: write comma-separated integers, "
+                             "e.g. --prompt-ids 1,822,285") from None
+        if args.mode != "completion":
+            raise ValueError("--prompt-ids feeds ids as they are: use it with --mode completion")
+    else:
+        prompt_ids, stop_ids = gen.prompt_for(args.prompt, args.mode, args.suffix or "", args.system)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                  stop=args.stop or (), stop_ids=stop_ids)
+    if args.json or gen.tokenizer is None:
+        result = gen.generate([prompt_ids], **kwargs)[0]
+    else:  # stream the text as it is decoded
+        result = gen.generate([prompt_ids], on_text=lambda _, piece: print(piece, end="", flush=True),
+                              **kwargs)[0]
+        print()
+    text = result.text.lstrip() if (args.mode == "chat" and result.text) else result.text
+    if args.json:
+        _print_json({"mode": args.mode, "prompt_ids": result.prompt_ids, "output_ids": result.output_ids,
+                     "text": text, "finish_reason": result.finish_reason,
+                     "tokens_per_s": round(result.tokens_per_s, 2)})
+    elif gen.tokenizer is None:
+        print(",".join(map(str, result.output_ids)))
+    print(f"[{len(result.output_ids)} tokens, {result.tokens_per_s:.1f} tok/s, {result.finish_reason}]",
+          file=sys.stderr)
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="complete, infill or chat with a model directory")
+    p.add_argument("--model", required=True, help="model directory (config.json + model.ckpt)")
+    p.add_argument("--tokenizer", help="tokenizer.model (default: the model directory's)")
+    p.add_argument("--prompt", help="prompt text (the prefix in infill mode, the user turn in chat)")
+    p.add_argument("--prompt-ids", help="comma-separated prompt token ids instead of --prompt")
+    p.add_argument("--mode", default="completion", choices=["completion", "infill", "chat"])
+    p.add_argument("--suffix", help="infill mode: the text after the gap")
+    p.add_argument("--system", help="chat mode: a system message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", nargs="*", help="stop strings (the text is cut before the first)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (prompt_ids, output_ids, text, ...)")
+    p.add_argument("--device", help="CPU or Ascend (default: detect)")
+    p.set_defaults(func=_generate)
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -426,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ckpt(sub)
     _add_export(sub)
     _add_data(sub)
+    _add_generate(sub)
     return parser
 
 
