@@ -127,6 +127,9 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
     if not run.train_data:
         raise ValueError(f"{run.source}: train_dataset.data_loader.dataset_dir is empty; point it at a "
                          "MindRecord file written by `cllama data ...`")
+    if run.load_checkpoint and not (Path(run.load_checkpoint) / "config.json").is_file():
+        raise FileNotFoundError(f"{run.source}: load_checkpoint: {run.load_checkpoint} is not a model directory "
+                                "(config.json + model.ckpt); convert weights with `cllama convert hf2ms` first")
     device = _device(run)
     env = init_parallel(run.parallel_config, run.parallel, run.model, device)  # no-op unless msrun started us
     if env.world == 1 and run.use_parallel and run.parallel_config.device_num > 1:

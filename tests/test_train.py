@@ -165,8 +165,9 @@ def test_config_errors_name_the_field(overrides, message):
 
 def test_missing_inputs_are_clear_errors(tmp_path, qa_data):
     with pytest.raises(FileNotFoundError, match="is not a model directory"):
-        train(load_run_config(FINETUNE, {"load_checkpoint": str(tmp_path),
+        train(load_run_config(FINETUNE, {"load_checkpoint": str(tmp_path), "output_dir": str(tmp_path / "o"),
                                          "train_dataset.data_loader.dataset_dir": str(qa_data[0])}))
+    assert not (tmp_path / "o").exists()  # checked before anything is written
     with pytest.raises(FileNotFoundError, match="no MindRecord dataset"):
         train(load_run_config(FINETUNE, {"train_dataset.data_loader.dataset_dir": str(tmp_path / "none.mindrecord"),
                                          "output_dir": str(tmp_path / "o")}))
