@@ -181,6 +181,106 @@ def _add_eval(sub) -> None:
                      help="output directory: samples.jsonl (resumable), its _results.jsonl, results.json")
     run.add_argument("--device", help="CPU or Ascend (default: detect)")
     run.set_defaults(func=_eval_humaneval)
+# ---- train ------------------------------------------------------------------------------------------
+def _train(args) -> int:
+    from cllama.runconfig import load_run_config
+
+    overrides = _parse_overrides(args.set)
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    run = load_run_config(args.config, overrides)
+    if args.check or args.print_msrun:
+        from cllama.parallel import cluster_commands
+        from cllama.train import worker_command
+
+        devices = run.parallel_config.device_num if run.use_parallel else 1
+        per_node = min(devices, args.devices_per_node)
+        nodes = -(-devices // per_node)
+        plan = {"config": str(args.config), "params": run.model.num_params(), "device": run.device,
+                "device_num": devices, "auto_parallel_context": run.parallel_settings(run.device, devices),
+                "msrun": cluster_commands(nodes, per_node, args.master_addr, worker_command(args.config))}
+        if args.print_msrun:
+            print("\n".join(plan["msrun"]))
+        else:
+            _print_json(plan)
+        return 0
+    resume = True if args.resume else None
+    if args.workers > 1:
+        from cllama.train import launch
+
+        try:
+            result = launch(run, args.workers, resume=resume)
+        except (RuntimeError, TimeoutError) as err:
+            print(f"cllama train: error: {err}", file=sys.stderr)
+            return 1
+    else:
+        from cllama.train import train
+
+        result = train(run, resume=resume)
+    if result is not None:
+        _print_json(result.to_dict())
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="pretrain or finetune from a run YAML (configs/)")
+    p.add_argument("--config", required=True, help="run YAML, e.g. configs/tiny/pretrain.yaml")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel workers on this machine (>1: msrun)")
+    p.add_argument("--output-dir", help="override output_dir")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                   help="override YAML keys, e.g. runner_config.max_steps=100 "
+                        "train_dataset.data_loader.dataset_dir=data/train.mindrecord")
+    p.add_argument("--check", action="store_true",
+                   help="load and validate the config, print the parallel plan and msrun lines, do not train")
+    p.add_argument("--print-msrun", action="store_true", help="print one msrun command line per node and exit")
+    p.add_argument("--devices-per-node", type=int, default=8, help="for --check/--print-msrun (default 8)")
+    p.add_argument("--master-addr", default="127.0.0.1", help="node 0's IP, for --check/--print-msrun")
+    p.set_defaults(func=_train)
+
+
+# ---- ranktable ----------------------------------------------------------------------------------
+def _ranktable_make(args) -> int:
+    from cllama import ranktable
+
+    platform = ranktable.platform_rank_table()
+    if platform is not None and not args.ignore_platform:
+        table = ranktable.read_rank_table(platform)
+        print(f"using the ModelArts rank table {platform} (pass --ignore-platform to build one)")
+    else:
+        table = ranktable.make_rank_table(args.device_num, args.server_ip, args.hccn_conf)
+    out = ranktable.write_rank_table(table, args.out or ranktable.default_name(table))
+    _print_json({"rank_table": str(out), "server_count": table["server_count"],
+                 "devices": sum(len(s["device"]) for s in table["server_list"])})
+    return 0
+
+
+def _ranktable_merge(args) -> int:
+    from cllama import ranktable
+
+    table = ranktable.merge_rank_tables(args.tables)
+    out = ranktable.write_rank_table(table, args.out or ranktable.default_name(table))
+    _print_json({"rank_table": str(out), "server_count": table["server_count"],
+                 "devices": sum(len(s["device"]) for s in table["server_list"])})
+    return 0
+
+
+def _add_ranktable(sub) -> None:
+    p = sub.add_parser("ranktable", help="HCCL rank tables for Ascend clusters")
+    cmds = p.add_subparsers(dest="action", required=True)
+    make = cmds.add_parser("make", help="rank table of this server's NPUs")
+    make.add_argument("--device-num", default="[0,8)", help='device id range, e.g. "[0,8)" or "[4,8)"')
+    make.add_argument("--server-ip", help="this server's IP (default: resolved from the hostname)")
+    make.add_argument("--hccn-conf", help="read device IPs from this file (address_<id>=<ip> lines) "
+                                          "instead of hccn_tool or /etc/hccn.conf")
+    make.add_argument("--out", help="output JSON (default: hccl_<N>p_<ids>_<ip>.json)")
+    make.add_argument("--ignore-platform", action="store_true",
+                      help="build a table even when ModelArts provides /user/config/jobstart_hccl.json")
+    make.set_defaults(func=_ranktable_make)
+    merge = cmds.add_parser("merge", help="merge per-server tables (rank ids renumbered in argument order)")
+    merge.add_argument("tables", nargs="+", help="rank table JSON files, in rank order")
+    merge.add_argument("--out", help="output JSON (default: hccl_<N>p_..._<first ip>.json)")
+    merge.set_defaults(func=_ranktable_merge)
 
 
 # ---- convert ------------------------------------------------------------------------------------
@@ -465,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer(sub)
     _add_model(sub)
     _add_eval(sub)
+    _add_train(sub)
+    _add_ranktable(sub)
     _add_convert(sub)
     _add_ckpt(sub)
     _add_export(sub)

@@ -1,7 +1,10 @@
-"""Parallel layout: MindFormers' `parallel_config` (data/model/pipeline parallel) and its checks."""
+"""Parallel layout and launch: MindFormers' `parallel_config` and its checks, `init_parallel`
+(communication + `set_auto_parallel_context`), msrun command lines."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,3 +67,129 @@ class ParallelConfig:
         if device_num is not None and device_num != self.device_num:
             raise ValueError(f"parallel_config: data_parallel*model_parallel*pipeline_stage = "
                              f"{self.device_num} but {device_num} devices are in use")
+
+
+# ---- context -------------------------------------------------------------------------------------
+PARALLEL_MODES = {0: "data_parallel", 1: "semi_auto_parallel", 2: "auto_parallel", 3: "hybrid_parallel"}
+PARALLEL_KEYS = ("parallel_mode", "gradients_mean", "enable_alltoall", "full_batch", "search_mode",
+                 "enable_parallel_optimizer", "strategy_ckpt_save_file", "strategy_ckpt_load_file",
+                 "parallel_optimizer_config", "loss_repeated_mean", "dataset_strategy")
+
+
+@dataclass
+class ParallelEnv:
+    """Where this process stands: its rank, the number of ranks, the MindSpore parallel mode."""
+
+    rank: int = 0
+    world: int = 1
+    mode: str = "stand_alone"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_msrun() -> bool:
+    """True in a process msrun started: a worker (MS_ROLE=MS_WORKER) or the scheduler (MS_SCHED),
+    which runs the same script and serves the cluster inside `init()`."""
+    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED") and "MS_WORKER_NUM" in os.environ
+
+
+def parallel_mode_name(value: Any) -> str:
+    """MindFormers' `parallel.parallel_mode` (0-3 or a name) as MindSpore's mode name."""
+    if value in PARALLEL_MODES:
+        return PARALLEL_MODES[value]
+    if value in PARALLEL_MODES.values():
+        return value
+    raise ValueError(f"parallel.parallel_mode: {value!r} is not one of {dict(PARALLEL_MODES)}")
+
+
+def auto_parallel_settings(config: ParallelConfig, parallel: dict | None, device_num: int,
+                           device: str = "Ascend", model: ModelConfig | None = None) -> dict[str, Any]:
+    """Keyword arguments for `mindspore.set_auto_parallel_context` from the YAML's `parallel:` and
+    `parallel_config:` blocks, checked against the device count (and the model when given).
+    One device gives {"parallel_mode": "stand_alone"}. Semi-auto/auto parallel need Ascend or GPU."""
+    parallel = dict(parallel or {})
+    unknown = sorted(set(parallel) - set(PARALLEL_KEYS))
+    if unknown:
+        raise ValueError(f"parallel: unknown keys {unknown}; valid keys are {list(PARALLEL_KEYS)}")
+    if device_num == 1:
+        return {"parallel_mode": "stand_alone"}
+    mode = parallel_mode_name(parallel.get("parallel_mode", 0))
+    if mode == "data_parallel":
+        if config.model_parallel != 1 or config.pipeline_stage != 1:
+            raise ValueError(f"parallel_config: data parallel mode takes model_parallel=1 and pipeline_stage=1 "
+                             f"(got {config.model_parallel}, {config.pipeline_stage}); set parallel.parallel_mode: 1 "
+                             "(semi-auto) for model/pipeline parallel on Ascend")
+        if config.data_parallel not in (1, device_num):
+            raise ValueError(f"parallel_config.data_parallel={config.data_parallel} but {device_num} devices "
+                             "are in use; set it to the device count")
+        return {"parallel_mode": mode, "gradients_mean": True, "device_num": device_num}
+    if device == "CPU":
+        raise ValueError(f"parallel.parallel_mode: {mode} needs Ascend or GPU (MindSpore runs only data "
+                         "parallel on CPU); set parallel_mode: 0 with model_parallel=1, pipeline_stage=1")
+    if model is not None:
+        config.validate_for(model, device_num)
+    elif device_num != config.device_num:
+        raise ValueError(f"parallel_config: data_parallel*model_parallel*pipeline_stage = {config.device_num} "
+                         f"but {device_num} devices are in use")
+    settings = {"parallel_mode": mode, "device_num": device_num,
+                "gradients_mean": bool(parallel.get("gradients_mean", False)),
+                "full_batch": bool(parallel.get("full_batch", True)),
+                "enable_parallel_optimizer": bool(parallel.get("enable_parallel_optimizer", False)),
+                "pipeline_stages": config.pipeline_stage}
+    for key in ("enable_alltoall", "search_mode", "strategy_ckpt_save_file", "strategy_ckpt_load_file",
+                "parallel_optimizer_config", "loss_repeated_mean", "dataset_strategy"):
+        if key in parallel:
+            settings[key] = parallel[key]
+    if mode == "semi_auto_parallel":
+        settings.pop("search_mode", None)  # only meaningful for auto_parallel
+    return settings
+
+
+def init_parallel(config: ParallelConfig, parallel: dict | None = None, model: ModelConfig | None = None,
+                  device: str | None = None) -> ParallelEnv:
+    """Initialise communication and `set_auto_parallel_context` when launched by msrun; on one
+    device (no msrun) it does nothing and returns rank 0 of 1. Call it before any output: in
+    msrun's scheduler process `init()` serves the cluster and the process ends there."""
+    if not launched_by_msrun():
+        return ParallelEnv()
+    import mindspore as ms
+    from mindspore.communication import get_group_size, get_rank, init
+
+    device = device or ms.get_context("device_target")
+    init()
+    rank, world = get_rank(), get_group_size()
+    settings = auto_parallel_settings(config, parallel, world, device, model)
+    ms.reset_auto_parallel_context()
+    ms.set_auto_parallel_context(**settings)
+    return ParallelEnv(rank=rank, world=world, mode=settings["parallel_mode"])
+
+
+# ---- msrun ------------------------------------------------------------------------------------------
+def msrun_command(script_args: list[str], worker_num: int, local_worker_num: int | None = None,
+                  master_addr: str = "127.0.0.1", master_port: int = 8118, node_rank: int | None = None,
+                  log_dir: str = "msrun_log", join: bool = True, cluster_time_out: int = 600) -> list[str]:
+    """An msrun command line (argv list). `script_args` is the worker command, e.g.
+    ["python", "-m", "cllama", "train", "--config", "run.yaml"]."""
+    local = worker_num if local_worker_num is None else local_worker_num
+    if worker_num < 1 or not 1 <= local <= worker_num or worker_num % local:
+        raise ValueError(f"msrun: worker_num={worker_num} must be a positive multiple of "
+                         f"local_worker_num={local}")
+    cmd = ["msrun", f"--worker_num={worker_num}", f"--local_worker_num={local}",
+           f"--master_addr={master_addr}", f"--master_port={master_port}"]
+    if node_rank is not None:
+        cmd.append(f"--node_rank={node_rank}")
+    cmd += [f"--log_dir={log_dir}", f"--join={join}", f"--cluster_time_out={cluster_time_out}"]
+    return cmd + list(script_args)
+
+
+def cluster_commands(nodes: int, devices_per_node: int, master_addr: str, script_args: list[str],
+                     master_port: int = 8118, log_dir: str = "output/msrun_log") -> list[str]:
+    """One shell line per node for a cluster of `nodes` x `devices_per_node` (run node i's line on
+    node i; the master address is node 0's IP)."""
+    if nodes < 1 or devices_per_node < 1:
+        raise ValueError(f"cluster shape: nodes and devices_per_node must be >= 1 (got {nodes}, {devices_per_node})")
+    return [shlex.join(msrun_command(script_args, nodes * devices_per_node, devices_per_node, master_addr,
+                                     master_port, node_rank=i, log_dir=log_dir))
+            for i in range(nodes)]

@@ -117,3 +117,56 @@ def token_length_histogram(lengths, sample_length: int | None = None, title: str
     fig.tight_layout()
     save_figure(fig, path)
     return fig
+
+
+def loss_curve(records, title: str = "training loss", path: str | os.PathLike | None = None):
+    """Training loss per step (with a running mean), validation loss as markers and the learning
+    rate on a second axis, from metrics.jsonl records (`cllama.trainer.read_metrics`)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    records = list(records)
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    if records:
+        steps = np.array([r["step"] for r in records])
+        loss = np.array([r["loss"] for r in records])
+        ax.plot(steps, loss, color="tab:blue", alpha=0.35, lw=1, label="loss")
+        window = max(1, len(loss) // 20)
+        if window > 1:
+            mean = np.convolve(loss, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], mean, color="tab:blue", lw=2, label=f"mean of {window}")
+        evals = [r for r in records if "val_loss" in r]
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:orange",
+                    label="validation")
+        lr = ax.twinx()
+        lr.plot(steps, [r["lr"] for r in records], color="tab:gray", lw=1, ls="--")
+        lr.set_ylabel("learning rate", color="tab:gray")
+        lr.tick_params(axis="y", colors="tab:gray")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig
+
+
+class LiveLossCurve:
+    """Redraws `loss_curve` in one notebook output as records arrive: pass an instance as
+    `train(..., on_metrics=...)` or `launch(..., on_metrics=...)`."""
+
+    def __init__(self, title: str = "training loss") -> None:
+        self.title = title
+        self.handle = None
+
+    def __call__(self, records) -> None:
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        fig = loss_curve(records, self.title)
+        if self.handle is None:
+            self.handle = display(fig, display_id=True)
+        else:
+            self.handle.update(fig)
+        plt.close(fig)
