@@ -14,11 +14,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m cllama model init --preset tiny --out papermill_runs/demo/model
-	$(PY) -m cllama model info papermill_runs/demo/model
+	$(PY) -m cllama run configs/pipelines/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+bench: $(STAMP)  # each prints RESULT lines against its peer; run on a quiet machine
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

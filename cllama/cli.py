@@ -198,7 +198,8 @@ def _train(args) -> int:
         nodes = -(-devices // per_node)
         plan = {"config": str(args.config), "params": run.model.num_params(), "device": run.device,
                 "device_num": devices, "auto_parallel_context": run.parallel_settings(run.device, devices),
-                "msrun": cluster_commands(nodes, per_node, args.master_addr, worker_command(args.config))}
+                "msrun": cluster_commands(nodes, per_node, args.master_addr, worker_command(args.config),
+                                         rank_table_file=args.rank_table)}
         if args.print_msrun:
             print("\n".join(plan["msrun"]))
         else:
@@ -236,6 +237,7 @@ def _add_train(sub) -> None:
     p.add_argument("--print-msrun", action="store_true", help="print one msrun command line per node and exit")
     p.add_argument("--devices-per-node", type=int, default=8, help="for --check/--print-msrun (default 8)")
     p.add_argument("--master-addr", default="127.0.0.1", help="node 0's IP, for --check/--print-msrun")
+    p.add_argument("--rank-table", help="HCCL rank table for msrun --rank_table_file (Ascend), for --check/--print-msrun")
     p.set_defaults(func=_train)
 
 
@@ -557,6 +559,52 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_generate)
 
 
+# ---- run (pipelines) ----------------------------------------------------------------------------
+def _run(args) -> int:
+    from cllama import runs
+
+    pipeline = runs.load_pipeline(args.pipeline, runs.parse_overrides(args.set))
+    if args.check:
+        _print_json({"pipeline": pipeline.source, "valid": True, "checks": runs.check_pipeline(pipeline),
+                     **pipeline.to_dict()})
+        return 0
+    result = runs.run_pipeline(pipeline, args.runs_dir, progress=not args.quiet)
+    failed = result.failed_stage
+    if failed is not None:
+        print(f"cllama run: stage {failed.name!r} failed: {failed.error}\n  executed notebook: {failed.executed}",
+              file=sys.stderr)
+    return 0 if result.status == "ok" else 1
+
+
+def _runs(args) -> int:
+    from cllama.runs import LEDGER_FIELDS, read_ledger
+
+    frame = read_ledger(args.runs_dir).tail(args.last)
+    columns = [c for c in LEDGER_FIELDS if c not in ("params", "metrics", "run_dir", "stages")]
+    print(frame[columns].to_string(index=False) if len(frame) else f"no runs in {args.runs_dir}/index.csv")
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run a pipeline of stage notebooks (papermill) in a new run folder",
+                       description="Execute a pipeline YAML (configs/pipelines/) stage by stage in "
+                       "<runs-dir>/<YYYYmmdd-HHMMSS>-<name>/ and add a row to <runs-dir>/index.csv. "
+                       "Exits 1 when a stage fails (its executed notebook keeps the error).")
+    p.add_argument("pipeline", help="pipeline YAML, or a name under configs/pipelines/ (e.g. demo)")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                   help="override parameters: STAGE.PARAM=VALUE for one stage, PARAM=VALUE for every stage "
+                        "that has it (values read as YAML), e.g. --set pretrain.steps=50 seed=1")
+    p.add_argument("--runs-dir", default="papermill_runs", help="where run folders and index.csv go")
+    p.add_argument("--check", action="store_true", help="validate the pipeline (notebook parameters, "
+                   "references, run configs and parallel layouts) without running it")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_run)
+    r = sub.add_parser("runs", help="the run ledger (<runs-dir>/index.csv), newest last")
+    r.add_argument("--runs-dir", default="papermill_runs")
+    r.add_argument("--last", type=int, default=20, help="show the newest N runs (default 20)")
+    r.set_defaults(func=_runs)
+
+
 # ---- entry point --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cllama", description="Code Llama research workbench on MindSpore")
@@ -572,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_data(sub)
     _add_generate(sub)
+    _add_run(sub)
     return parser
 
 

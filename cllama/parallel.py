@@ -169,9 +169,11 @@ def init_parallel(config: ParallelConfig, parallel: dict | None = None, model: M
 # ---- msrun ------------------------------------------------------------------------------------------
 def msrun_command(script_args: list[str], worker_num: int, local_worker_num: int | None = None,
                   master_addr: str = "127.0.0.1", master_port: int = 8118, node_rank: int | None = None,
-                  log_dir: str = "msrun_log", join: bool = True, cluster_time_out: int = 600) -> list[str]:
+                  log_dir: str = "msrun_log", join: bool = True, cluster_time_out: int = 600,
+                  rank_table_file: str | None = None) -> list[str]:
     """An msrun command line (argv list). `script_args` is the worker command, e.g.
-    ["python", "-m", "cllama", "train", "--config", "run.yaml"]."""
+    ["python", "-m", "cllama", "train", "--config", "run.yaml"]. `rank_table_file`: an HCCL rank
+    table (Ascend) for msrun's static networking."""
     local = worker_num if local_worker_num is None else local_worker_num
     if worker_num < 1 or not 1 <= local <= worker_num or worker_num % local:
         raise ValueError(f"msrun: worker_num={worker_num} must be a positive multiple of "
@@ -181,15 +183,18 @@ def msrun_command(script_args: list[str], worker_num: int, local_worker_num: int
     if node_rank is not None:
         cmd.append(f"--node_rank={node_rank}")
     cmd += [f"--log_dir={log_dir}", f"--join={join}", f"--cluster_time_out={cluster_time_out}"]
+    if rank_table_file:
+        cmd.append(f"--rank_table_file={rank_table_file}")
     return cmd + list(script_args)
 
 
 def cluster_commands(nodes: int, devices_per_node: int, master_addr: str, script_args: list[str],
-                     master_port: int = 8118, log_dir: str = "output/msrun_log") -> list[str]:
+                     master_port: int = 8118, log_dir: str = "output/msrun_log",
+                     rank_table_file: str | None = None) -> list[str]:
     """One shell line per node for a cluster of `nodes` x `devices_per_node` (run node i's line on
     node i; the master address is node 0's IP)."""
     if nodes < 1 or devices_per_node < 1:
         raise ValueError(f"cluster shape: nodes and devices_per_node must be >= 1 (got {nodes}, {devices_per_node})")
     return [shlex.join(msrun_command(script_args, nodes * devices_per_node, devices_per_node, master_addr,
-                                     master_port, node_rank=i, log_dir=log_dir))
+                                     master_port, node_rank=i, log_dir=log_dir, rank_table_file=rank_table_file))
             for i in range(nodes)]

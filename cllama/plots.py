@@ -170,3 +170,36 @@ class LiveLossCurve:
         else:
             self.handle.update(fig)
         plt.close(fig)
+
+
+def compare_loss_curves(curves: Mapping[str, list], title: str = "training loss across runs",
+                        path: str | os.PathLike | None = None):
+    """Overlay loss curves: {label: metrics.jsonl records}, one colour per label (a running mean
+    over the raw loss), validation losses as markers of the same colour."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    for i, (label, records) in enumerate(curves.items()):
+        records = [r for r in records if "loss" in r]
+        if not records:
+            continue
+        color = plt.cm.tab10(i % 10)
+        steps, loss = np.array([r["step"] for r in records]), np.array([r["loss"] for r in records])
+        window = max(1, len(loss) // 20)
+        ax.plot(steps, loss, color=color, alpha=0.25, lw=1)
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid") if window > 1 else loss
+        ax.plot(steps[window - 1:], smooth, color=color, lw=2, label=label)
+        evals = [r for r in records if r.get("val_loss") is not None]
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o", color=color, ms=4)
+    if not curves:
+        ax.text(0.5, 0.5, "no training stages in the chosen runs", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (dots: validation)")
+    ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from cllama.parallel import init_parallel, msrun_command
+from cllama.parallel import init_parallel, msrun_command, parallel_mode_name
 from cllama.runconfig import RunConfig, save_run_config
 from cllama.trainer import read_metrics
 
@@ -306,19 +306,30 @@ def data_parallel_run(run: RunConfig, workers: int) -> RunConfig:
 
 
 def launch(run: RunConfig, workers: int, resume: Optional[bool] = None, on_metrics: Optional[MetricsCallback] = None,
-           poll_s: float = 2.0, timeout_s: Optional[float] = None) -> TrainResult:
-    """Run `workers` data-parallel workers on this machine through msrun (a subprocess) and wait;
-    `on_metrics(records)` sees metrics.jsonl as it grows. Worker logs: <output_dir>/msrun_log/."""
-    if workers < 2:
-        raise ValueError(f"launch: workers must be >= 2 (got {workers}); call train() for one worker")
-    run = data_parallel_run(run, workers)
+           poll_s: float = 2.0, timeout_s: Optional[float] = None, nodes: int = 1, master_addr: str = "127.0.0.1",
+           master_port: Optional[int] = None, rank_table: Optional[str] = None) -> TrainResult:
+    """Run `workers` workers on this machine through msrun (a subprocess) and wait; `on_metrics(records)`
+    sees metrics.jsonl as it grows. Worker logs: <output_dir>/msrun_log/. A data-parallel YAML runs
+    data parallel over all workers; a semi-auto parallel one (Ascend) keeps its layout, which must fit
+    workers x nodes devices. With nodes > 1 this is node 0 (it writes the outputs): start the other
+    nodes with `cluster_commands(...)`' lines. `rank_table`: msrun --rank_table_file (Ascend)."""
+    devices = workers * nodes
+    if workers < 1 or devices < 2:
+        raise ValueError(f"launch: workers x nodes must be >= 2 (got {workers} x {nodes}); call train() for one worker")
+    semi_auto = run.use_parallel and parallel_mode_name(run.parallel.get("parallel_mode", 0)) != "data_parallel"
+    if semi_auto:
+        run.parallel_settings("Ascend", devices)  # the layout must fit the devices and the model
+    else:
+        run = data_parallel_run(run, devices)
     out = Path(run.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config = save_run_config(run, out / "run_config.msrun.yaml")
     resume = run.resume_training if resume is None else resume
     msrun = Path(sys.executable).with_name("msrun")
-    cmd = msrun_command(worker_command(config, resume), workers, workers, master_port=free_port(),
-                        log_dir=str(out / "msrun_log"))
+    port = master_port or (free_port() if nodes == 1 else 8118)
+    cmd = msrun_command(worker_command(config, resume), devices, workers, master_addr=master_addr, master_port=port,
+                        node_rank=0 if nodes > 1 else None, log_dir=str(out / "msrun_log"),
+                        rank_table_file=rank_table)
     cmd[0] = str(msrun) if msrun.exists() else "msrun"
     env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])

