@@ -87,6 +87,9 @@ def test_hostile_programs_fail_and_harm_nothing(box, canaries, monkeypatch):
     for name, r in outcome.items():
         assert r == "timed out" or r.startswith("failed:"), (name, r)
     assert outcome["loop"] == "timed out"
+    assert "File too large" in outcome["write_10gb"], outcome["write_10gb"]  # the file-size limit, not the clock
+    for name in ("env_secret", "proc_secret"):  # failed for want of access, not because the secret was there
+        assert "AssertionError" not in outcome[name], (name, outcome[name])
     assert all(r.passed for r in good)
     assert all(p.read_text() == "alive" for p in canaries)
     with pytest.raises(BlockingIOError):

@@ -111,11 +111,14 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(hundred, qa_d
         json.loads((path / "trainer_state.json").read_text())
         load_model_dir(path)
         assert ms.load_checkpoint(str(path / "optimizer.ckpt"))
+    before = [r for r in read_metrics(out) if r["step"] <= saved[-1][0]]  # timed by the killed process
+    assert len(before) == saved[-1][0]
 
     result = train(load_run_config(config), resume=True, progress=False)
     assert not list((out / "checkpoints").glob(".step_*"))
     records = read_metrics(out)
     assert [r["step"] for r in records] == list(range(1, 101))  # the killed run's extra records were dropped
+    assert records[:len(before)] == before  # kept as written: the run resumed after the saved step
     assert result.steps == 100
     ref = read_checkpoint(Path(hundred[1].checkpoint) / "model.ckpt")
     got = read_checkpoint(Path(result.checkpoint) / "model.ckpt")
