@@ -577,7 +577,7 @@ def _run(args) -> int:
 
 
 def _runs(args) -> int:
-    from cllama.runs import LEDGER_FIELDS, read_ledger
+    from cllama.ledger import LEDGER_FIELDS, read_ledger
 
     frame = read_ledger(args.runs_dir).tail(args.last)
     columns = [c for c in LEDGER_FIELDS if c not in ("params", "metrics", "run_dir", "stages")]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import csv
 import json
 import os
 import re
@@ -34,13 +33,11 @@ from typing import Any, Iterator, Mapping, Optional
 
 import yaml
 
+from cllama.ledger import ledger_row, update_ledger
+
 ROOT = Path(__file__).resolve().parents[1]
 REF = re.compile(r"\$\{([^}]*)\}")
 REF_KINDS = ("artifacts", "metrics", "params")
-LEDGER_FIELDS = ["run_id", "name", "status", "start", "duration_s", "failed_stage", "stages", "final_loss",
-                 "val_loss", "pass@1", "train_tokens_per_s", "generate_tokens_per_s", "params", "metrics",
-                 "run_dir"]
-TRAIN_STAGES = ("pretrain", "finetune")
 
 
 @dataclass
@@ -366,13 +363,32 @@ def _error_text(err: BaseException) -> str:
     return f"{ename}: {evalue}" if ename else f"{type(err).__name__}: {err}"
 
 
+def _execute(stage: Stage, record: StageRun, params: dict, log, cwd, kernel_name: Optional[str],
+             progress: bool) -> None:
+    """Run one stage notebook with papermill; record its results.json, or the error."""
+    import papermill
+
+    try:
+        with _quiet_papermill():
+            papermill.execute_notebook(str(stage.notebook), record.executed, parameters=params,
+                                       cwd=str(cwd or os.getcwd()), kernel_name=kernel_name, progress_bar=progress,
+                                       stdout_file=log, stderr_file=log)
+        results_file = Path(record.output_dir) / "results.json"
+        if not results_file.is_file():
+            raise RuntimeError(f"{stage.notebook.name} finished without writing {results_file}")
+        record.results = json.loads(results_file.read_text())
+        if record.results.get("status", "ok") != "ok":
+            raise RuntimeError(f"results.json says status {record.results.get('status')!r}")
+        record.status = "ok"
+    except Exception as err:  # papermill's error carries the cell's exception name and value
+        record.status, record.error = "failed", _error_text(err)
+
+
 def run_pipeline(pipeline: Pipeline, runs_dir: str | os.PathLike = "papermill_runs",
                  cwd: str | os.PathLike | None = None, progress: bool = True,
                  kernel_name: Optional[str] = None) -> RunResult:
     """Execute the stages in order in a new run folder; stop at the first failing stage (its executed
     notebook keeps the error). The ledger row is written at the start (status running) and at the end."""
-    import papermill
-
     runs_dir = Path(runs_dir).resolve()
     start = datetime.now()
     run_dir = _new_run_dir(runs_dir, pipeline.name, start)
@@ -407,22 +423,8 @@ def run_pipeline(pipeline: Pipeline, runs_dir: str | os.PathLike = "papermill_ru
                 _write_json(run_dir / "params.json", resolved)
                 note(f"stage {stage.name}: {stage.notebook} -> {record.executed}\n"
                      f"  params {json.dumps(params, default=str)}")
-                try:
-                    with _quiet_papermill():
-                        papermill.execute_notebook(
-                            str(stage.notebook), record.executed, parameters=params, cwd=str(cwd or os.getcwd()),
-                            kernel_name=kernel_name, progress_bar=progress, stdout_file=log, stderr_file=log)
-                    results_file = Path(record.output_dir) / "results.json"
-                    if not results_file.is_file():
-                        raise RuntimeError(f"{stage.notebook.name} finished without writing {results_file}")
-                    record.results = json.loads(results_file.read_text())
-                    if record.results.get("status", "ok") != "ok":
-                        raise RuntimeError(f"results.json says status {record.results.get('status')!r}")
-                    record.status = "ok"
-                except Exception as err:  # papermill's error carries the cell's exception
-                    record.status, record.error = "failed", _error_text(err)
-                finally:
-                    record.seconds = time.monotonic() - t0
+                _execute(stage, record, params, log, cwd, kernel_name, progress)
+                record.seconds = time.monotonic() - t0
                 if record.status == "failed":
                     note(f"stage {stage.name} FAILED after {record.seconds:.1f} s: {record.error}")
                     say(f"    FAILED after {record.seconds:.1f} s: {record.error}\n    see {record.executed}")
@@ -450,112 +452,3 @@ def run_pipeline(pipeline: Pipeline, runs_dir: str | os.PathLike = "papermill_ru
             update_ledger(runs_dir, ledger_row(result, pipeline, start))
     say(f"run {run_id}: {result.status} in {result.seconds:.1f} s; ledger {runs_dir / 'index.csv'}")
     return result
-
-
-# ---- the ledger ---------------------------------------------------------------------------------------
-def key_metrics(stages: list[StageRun]) -> dict[str, Any]:
-    """Headline figures of a run: the last training stage's loss and tokens/s, pass@1, generation speed."""
-    out: dict[str, Any] = {}
-    for s in stages:
-        kind, metrics = s.results.get("stage"), s.results.get("metrics") or {}
-        if kind in TRAIN_STAGES:
-            out.update(final_loss=metrics.get("final_loss"), val_loss=metrics.get("val_loss"),
-                       train_tokens_per_s=metrics.get("tokens_per_s"))
-        elif kind == "evaluate_humaneval":
-            out["pass@1"] = metrics.get("pass@1")
-        elif kind == "generate":
-            out["generate_tokens_per_s"] = metrics.get("tokens_per_s")
-    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items() if v is not None}
-
-
-def ledger_row(result: RunResult, pipeline: Pipeline, start: datetime) -> dict[str, Any]:
-    failed = result.failed_stage
-    metrics = {f"{s.name}.{k}": v for s in result.stages for k, v in (s.results.get("metrics") or {}).items()}
-    return {"run_id": result.run_id, "name": pipeline.name, "status": result.status,
-            "start": start.isoformat(timespec="seconds"), "duration_s": round(result.seconds, 1),
-            "failed_stage": failed.name if failed else "", "stages": " ".join(s.name for s in pipeline.stages),
-            **key_metrics(result.stages),
-            "params": json.dumps({s.name: s.params for s in pipeline.stages if s.params}, default=str),
-            "metrics": json.dumps(metrics, default=str), "run_dir": str(result.run_dir)}
-
-
-def update_ledger(runs_dir: str | os.PathLike, row: Mapping[str, Any]) -> Path:
-    """Insert or replace (by run_id) one row of <runs_dir>/index.csv, rewriting it atomically under a lock."""
-    import fcntl
-
-    runs_dir = Path(runs_dir)
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    path = runs_dir / "index.csv"
-    with open(runs_dir / ".index.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = read_ledger_rows(path)
-        rows = [r for r in rows if r.get("run_id") != row["run_id"]] + [dict(row)]
-        fields = LEDGER_FIELDS + sorted({k for r in rows for k in r} - set(LEDGER_FIELDS))
-        tmp = path.with_name("index.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    return path
-
-
-def read_ledger_rows(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "index.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def read_ledger(runs_dir: str | os.PathLike = "papermill_runs"):
-    """The run ledger as a pandas DataFrame (one row per run, oldest first)."""
-    import pandas as pd
-
-    rows = read_ledger_rows(runs_dir)
-    frame = pd.DataFrame(rows, columns=LEDGER_FIELDS if not rows else None)
-    for column in ("duration_s", "final_loss", "val_loss", "pass@1", "train_tokens_per_s", "generate_tokens_per_s"):
-        if column in frame:
-            frame[column] = pd.to_numeric(frame[column], errors="coerce")
-    return frame
-
-
-def stage_results(run_dir: str | os.PathLike) -> dict[str, dict]:
-    """results.json of each finished stage of a run folder (also mid-run): {stage name: results}."""
-    out = {}
-    for path in sorted(Path(run_dir).glob("[0-9][0-9]_*/results.json")):
-        out[path.parent.name.split("_", 1)[1]] = json.loads(path.read_text())
-    return out
-
-
-def loss_records(run_dir: str | os.PathLike) -> dict[str, list[dict]]:
-    """Per-step training records of every training stage of a run: {stage name: metrics.jsonl records}."""
-    from cllama.trainer import read_metrics
-
-    if not Path(run_dir).is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such run folder")
-    return {name: read_metrics(results["artifacts"]["metrics"]) for name, results in stage_results(run_dir).items()
-            if results.get("stage") in TRAIN_STAGES and results.get("artifacts", {}).get("metrics")}
-
-
-def select_runs(runs_dir: str | os.PathLike, runs: list[str] | None = None, last: int = 5,
-                status: Optional[str] = "ok"):
-    """Ledger rows of the chosen runs: by run id (or unique prefix/name) when given, else the `last`
-    newest runs with `status` (None: any)."""
-    frame = read_ledger(runs_dir)
-    if runs:
-        picked = []
-        for key in runs:
-            hits = frame[(frame["run_id"] == key) | frame["run_id"].str.startswith(key) | (frame["name"] == key)]
-            if hits.empty:
-                raise ValueError(f"{Path(runs_dir) / 'index.csv'}: no run matches {key!r}; runs: "
-                                 f"{list(frame['run_id'])[-10:]}")
-            picked.append(hits.iloc[[-1]])
-        import pandas as pd
-
-        return pd.concat(picked).drop_duplicates("run_id")
-    if status:
-        frame = frame[frame["status"] == status]
-    return frame.tail(last)

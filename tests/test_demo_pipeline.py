@@ -7,7 +7,7 @@ import nbformat
 import papermill
 import pytest
 
-from cllama import runs
+from cllama import ledger, runs
 from cllama.results import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_demo_pipeline_runs_end_to_end(demo_run):
     assert demo_run.results("evaluate")["metrics"]["tasks"] == 2
     assert demo_run.results("export")["metrics"]["tokens_equal"] == 1.0
     assert demo_run.results("transform")["metrics"]["verified"] == 1.0
-    [row] = runs.read_ledger_rows(demo_run.run_dir.parent)
+    [row] = ledger.read_ledger_rows(demo_run.run_dir.parent)
     assert row["status"] == "ok" and float(row["final_loss"]) == pytest.approx(finetune["metrics"]["final_loss"])
     assert row["pass@1"] != "" and float(row["generate_tokens_per_s"]) > 0
     # the executed notebooks show the loss curves and the pass@1 chart inline

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from nbformat.v4 import new_code_cell, new_notebook
 
-from cllama import runs
+from cllama import ledger, runs
 from cllama.cli import main
 
 
@@ -65,7 +65,7 @@ def test_outputs_of_one_stage_reach_the_next(notebooks, tmp_path):
     assert resolved["emit"]["output_dir"] == str(run_dir / "00_emit")
     assert "stage consume ok" in (run_dir / "run.log").read_text()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "ok"
-    [row] = runs.read_ledger_rows(tmp_path / "runs")
+    [row] = ledger.read_ledger_rows(tmp_path / "runs")
     assert row["run_id"] == run_dir.name and row["status"] == "ok" and row["failed_stage"] == ""
     assert json.loads(row["metrics"]) == {"emit.value": 6.0, "consume.number": 6.0, "consume.chars": 6.0}
     assert json.loads(row["params"])["emit"] == {"value": 3, "text": "ab"}
@@ -80,7 +80,7 @@ def test_failing_stage_stops_the_run_and_keeps_its_notebook(notebooks, tmp_path,
                                  "params": {"path": "${emit.artifacts.data}"}}], name="broken")
     code = main(["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--quiet"])
     assert code == 1 and "stage 'fail' failed: ValueError: boom" in capsys.readouterr().err
-    [row] = runs.read_ledger_rows(tmp_path / "runs")
+    [row] = ledger.read_ledger_rows(tmp_path / "runs")
     assert row["status"] == "failed" and row["failed_stage"] == "fail"
     run_dir = Path(row["run_dir"])
     executed = (run_dir / "01_fail.ipynb").read_text()
@@ -95,13 +95,13 @@ def test_a_second_run_adds_a_second_ledger_row(notebooks, tmp_path):
     path = _pipeline(tmp_path, [{"name": "emit", "notebook": str(notebooks["emit"])}], name="twice")
     first = runs.run_pipeline(runs.load_pipeline(path), tmp_path / "runs", progress=False)
     second = runs.run_pipeline(runs.load_pipeline(path, {"value": 5}), tmp_path / "runs", progress=False)
-    frame = runs.read_ledger(tmp_path / "runs")
+    frame = ledger.read_ledger(tmp_path / "runs")
     assert list(frame["run_id"]) == [first.run_id, second.run_id] and first.run_dir != second.run_dir
     assert json.loads(frame.iloc[1]["metrics"]) == {"emit.value": 10.0}
-    assert list(runs.select_runs(tmp_path / "runs", ["twice"])["run_id"]) == [second.run_id]
-    assert list(runs.select_runs(tmp_path / "runs", last=1)["run_id"]) == [second.run_id]
+    assert list(ledger.select_runs(tmp_path / "runs", ["twice"])["run_id"]) == [second.run_id]
+    assert list(ledger.select_runs(tmp_path / "runs", last=1)["run_id"]) == [second.run_id]
     with pytest.raises(ValueError, match="no run matches 'nothing'"):
-        runs.select_runs(tmp_path / "runs", ["nothing"])
+        ledger.select_runs(tmp_path / "runs", ["nothing"])
 
 
 @pytest.mark.parametrize("stages, overrides, message", [
