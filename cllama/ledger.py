@@ -55,7 +55,11 @@ def update_ledger(runs_dir: str | os.PathLike, row: Mapping[str, Any]) -> Path:
     with open(runs_dir / ".index.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = read_ledger_rows(path)
-        rows = [r for r in rows if r.get("run_id") != row["run_id"]] + [dict(row)]
+        ids = [r.get("run_id") for r in rows]
+        if row["run_id"] in ids:  # a finished run updates the row it wrote when it started
+            rows[ids.index(row["run_id"])] = dict(row)
+        else:
+            rows.append(dict(row))
         fields = LEDGER_FIELDS + sorted({k for r in rows for k in r} - set(LEDGER_FIELDS))
         tmp = path.with_name("index.csv.tmp")
         with open(tmp, "w", newline="") as f:
