@@ -36,16 +36,9 @@ def _add_tokenizer(sub) -> None:
 
 # ---- model --------------------------------------------------------------------------------------
 def _parse_overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--set {pair!r}: write KEY=VALUE, e.g. --set seq_length=1024")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    from cllama.runconfig import parse_overrides
+
+    return parse_overrides(pairs)
 
 
 def _model_init(args) -> int:
@@ -245,12 +238,10 @@ def _add_train(sub) -> None:
 def _ranktable_make(args) -> int:
     from cllama import ranktable
 
-    platform = ranktable.platform_rank_table()
-    if platform is not None and not args.ignore_platform:
-        table = ranktable.read_rank_table(platform)
+    table, platform = ranktable.node_rank_table(args.device_num, args.server_ip, args.hccn_conf,
+                                                not args.ignore_platform)
+    if platform is not None:
         print(f"using the ModelArts rank table {platform} (pass --ignore-platform to build one)")
-    else:
-        table = ranktable.make_rank_table(args.device_num, args.server_ip, args.hccn_conf)
     out = ranktable.write_rank_table(table, args.out or ranktable.default_name(table))
     _print_json({"rank_table": str(out), "server_count": table["server_count"],
                  "devices": sum(len(s["device"]) for s in table["server_list"])})

@@ -110,13 +110,9 @@ def environment_report(device: Optional[str] = None) -> dict:
 
 def node_rank_table(device_count: int, out_dir: str | os.PathLike, server_ip: Optional[str] = None,
                     hccn_conf: Optional[str] = None) -> Path:
-    """This node's HCCL rank table: ModelArts' own when present, else one built for devices
-    [0, device_count) from hccn_tool or /etc/hccn.conf (cllama.ranktable)."""
+    """Write this node's HCCL rank table into out_dir: ModelArts' own when present, else one built for
+    devices [0, device_count) (cllama.ranktable)."""
     from cllama import ranktable
 
-    platform_table = ranktable.platform_rank_table()
-    if platform_table is not None:
-        table = ranktable.read_rank_table(platform_table)
-    else:
-        table = ranktable.make_rank_table(f"[0,{device_count})", server_ip, hccn_conf)
+    table, _ = ranktable.node_rank_table(f"[0,{device_count})", server_ip, hccn_conf)
     return ranktable.write_rank_table(table, Path(out_dir) / ranktable.default_name(table))

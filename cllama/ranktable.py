@@ -168,3 +168,13 @@ def default_name(table: dict) -> str:
 def platform_rank_table() -> Optional[Path]:
     """ModelArts' own rank table when this runs on ModelArts, else None."""
     return MODELARTS_RANK_TABLE if MODELARTS_RANK_TABLE.is_file() else None
+
+
+def node_rank_table(device_num: str, server_ip: Optional[str] = None, hccn_conf: str | os.PathLike | None = None,
+                    use_platform: bool = True) -> tuple[dict, Optional[Path]]:
+    """This node's table and where it came from: ModelArts' own when present (and `use_platform`),
+    else one built for `device_num` (source None)."""
+    platform = platform_rank_table() if use_platform else None
+    if platform is not None:
+        return read_rank_table(platform), platform
+    return make_rank_table(device_num, server_ip, hccn_conf), None

@@ -97,6 +97,23 @@ def set_key(doc: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def parse_overrides(pairs: list[str] | None, form: str = "KEY=VALUE", example: str = "seq_length=1024") -> dict:
+    """Command-line `--set` pairs -> {key: value}; a value is read as JSON (numbers, true, lists),
+    else kept as text."""
+    import json
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: write {form}, e.g. --set {example}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def find_config(path: str | os.PathLike) -> Path:
     """`path` as given, else relative to the repository root (so `configs/tiny/pretrain.yaml` works
     from notebooks/ too)."""

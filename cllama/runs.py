@@ -33,6 +33,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import yaml
 
+from cllama import runconfig
 from cllama.ledger import ledger_row, update_ledger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,14 +115,8 @@ def find_pipeline(path: str | os.PathLike) -> Path:
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
-    """["stage.param=VALUE", "param=VALUE"] -> dict; VALUE is read as YAML (numbers, lists, true)."""
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {pair!r}: write STAGE.PARAM=VALUE or PARAM=VALUE, e.g. --set pretrain.steps=50")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    return out
+    """["stage.param=VALUE", "param=VALUE"] -> dict; VALUE is read as JSON (numbers, lists, true), else text."""
+    return runconfig.parse_overrides(pairs, "STAGE.PARAM=VALUE or PARAM=VALUE", "pretrain.steps=50")
 
 
 def load_pipeline(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> Pipeline:
@@ -263,6 +258,7 @@ def check_pipeline(pipeline: Pipeline) -> list[dict]:
     """Checks beyond `validate`, for a pipeline meant for another machine (e.g. an Ascend cluster):
     each stage's run YAML (`config`) loads, and its parallel layout fits the stage's device count
     (workers x nodes) and the model. Returns what was checked, per stage."""
+    from cllama.parallel import parallel_mode_name
     from cllama.runconfig import find_config, load_run_config
 
     report = []
@@ -282,8 +278,8 @@ def check_pipeline(pipeline: Pipeline) -> list[dict]:
         entry = {"stage": stage.name, "checked": "parameters, run config", "config": str(find_config(config)),
                  "params": run.model.num_params(), "devices": devices}
         if devices > 1:
-            mode = run.parallel.get("parallel_mode", 0) if run.use_parallel else 0
-            device = "CPU" if mode in (0, "data_parallel") else "Ascend"
+            mode = parallel_mode_name(run.parallel.get("parallel_mode", 0)) if run.use_parallel else "data_parallel"
+            device = "CPU" if mode == "data_parallel" else "Ascend"  # semi-auto layouts are for Ascend
             try:
                 settings = run.parallel_settings(device, devices)
             except ValueError as err:

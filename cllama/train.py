@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from cllama.parallel import init_parallel, msrun_command, parallel_mode_name
+from cllama.parallel import cluster_commands, init_parallel, msrun_command, parallel_mode_name
 from cllama.runconfig import RunConfig, save_run_config
 from cllama.trainer import read_metrics
 
@@ -355,6 +355,23 @@ def launch(run: RunConfig, workers: int, resume: Optional[bool] = None, on_metri
         tail = _tail(out / "msrun_log" / "worker_0.log") or _tail(log_path)
         raise RuntimeError(f"msrun exited with code {proc.returncode}; worker logs in {out / 'msrun_log'}:\n{tail}")
     return summarize(out)
+
+
+def train_or_launch(run: RunConfig, workers: int = 1, nodes: int = 1, master_addr: str = "127.0.0.1",
+                    rank_table: Optional[str] = None, resume: Optional[bool] = None,
+                    on_metrics: Optional[MetricsCallback] = None, metrics_every: int = 10) -> Optional[TrainResult]:
+    """One device: `train` in this process. More (workers x nodes): `launch` through msrun; with
+    nodes > 1 this first prints the msrun lines of the other nodes (same output_dir on a shared
+    file system)."""
+    if workers * nodes == 1:
+        return train(run, resume=resume, on_metrics=on_metrics, metrics_every=metrics_every)
+    if nodes > 1:
+        config = Path(run.output_dir).resolve() / "run_config.msrun.yaml"
+        resumed = run.resume_training if resume is None else resume
+        lines = cluster_commands(nodes, workers, master_addr, worker_command(config, resumed), rank_table_file=rank_table)
+        print("Start the other nodes with:\n" + "\n".join(lines[1:]))
+    return launch(run, workers, resume=resume, on_metrics=on_metrics, nodes=nodes, master_addr=master_addr,
+                  rank_table=rank_table)
 
 
 def _report(out: Path, on_metrics: Optional[MetricsCallback], seen: int) -> int:
