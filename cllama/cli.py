@@ -584,7 +584,7 @@ def _add_run(sub) -> None:
     p.add_argument("pipeline", help="pipeline YAML, or a name under configs/pipelines/ (e.g. demo)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                    help="override parameters: STAGE.PARAM=VALUE for one stage, PARAM=VALUE for every stage "
-                        "that has it (values read as YAML), e.g. --set pretrain.steps=50 seed=1")
+                        "that has it (values read as JSON, else text), e.g. --set pretrain.steps=50 seed=1")
     p.add_argument("--runs-dir", default="papermill_runs", help="where run folders and index.csv go")
     p.add_argument("--check", action="store_true", help="validate the pipeline (notebook parameters, "
                    "references, run configs and parallel layouts) without running it")
