@@ -82,7 +82,6 @@ def main() -> None:
     from cllama.runtime import init_context
 
     init_context("CPU")
-    import mindspore as ms
     import torch
     from mindspore import Tensor
 
@@ -120,11 +119,10 @@ def main() -> None:
 
     steps = gen.steps_for(1, 256, logits=False)
     prompt1 = Tensor(prompts[1].astype(np.int32))
-    last1 = Tensor(np.array([args.prompt_tokens - 1], np.int32))
+    no_pads = Tensor(np.zeros(1, np.int32))
 
     def ms_prefill() -> float:
-        model.use_cache(steps.cache)
-        return _timed(lambda: steps.prefill(prompt1, last1).asnumpy())
+        return _timed(lambda: steps.prefill(prompt1, no_pads).asnumpy())
 
     def hf_prefill() -> float:
         ids = torch.from_numpy(prompts[1])

@@ -5,8 +5,7 @@ of 128, cache to multiples of 128) so each (batch, cache) bucket compiles its st
 compiled cells live on the Generator and are reused across calls. Greedy decoding takes the
 argmax inside the graph, so only token ids cross to the host; sampling (temperature, top-k,
 top-p, repetition penalty) runs on the host from a seeded numpy Generator (cllama/sampling.py).
-Decode steps write new keys/values to a small window buffer that is flushed into the cache every
-`window` steps (a CPU scatter copies the whole Parameter it writes to).
+The steps and their weights (on CPU a fused copy) are cllama/decoding.py's.
 
     gen = Generator.from_dir("runs/tiny")
     gen.complete(["def fib(n):"], max_new_tokens=64, stop=HUMANEVAL_STOPS)
@@ -21,11 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from cllama.decoding import (DecodeIds, FlushWindow, PrefillIds, Steps, batch_bucket,  # noqa: F401
-                             cache_bucket, prompt_bucket)
+from cllama.decoding import (DecodeStep, FusedWeights, KVCache, PrefillStep, Steps,  # noqa: F401
+                             batch_bucket, cache_bucket, fuse_by_default, prompt_bucket)
 from cllama.model import CodeLlama
 from cllama.sampling import SamplingParams, select_tokens
 from cllama.textstream import RowText
@@ -53,9 +53,11 @@ class Generator:
     """Completion, infilling, chat and streaming around a CodeLlama with a static KV cache."""
 
     def __init__(self, model: CodeLlama, tokenizer: Optional[Tokenizer] = None,
-                 max_length: Optional[int] = None, window: int = 32) -> None:
+                 max_length: Optional[int] = None, fused_weights: Optional[bool] = None) -> None:
+        """fused_weights: read a fused copy of the projection weights (faster on CPU; costs their
+        size again, taken now: build a new Generator after changing the model's weights); None
+        decides by device and free memory (cllama.decoding.fuse_by_default)."""
         config = model.config
-        self.window = window
         self.model, self.tokenizer = model, tokenizer
         self.max_length = min(max_length or config.seq_length, config.seq_length)
         if tokenizer is not None and tokenizer.vocab_size < config.vocab_size:
@@ -71,6 +73,8 @@ class Generator:
         self.last_generations: list[Generation] = []
         self.stats: dict[str, float] = {}
         model.set_train(False)
+        fused = fuse_by_default(config, model.compute_dtype) if fused_weights is None else fused_weights
+        self.fused = FusedWeights(model) if fused else None
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
@@ -127,9 +131,9 @@ class Generator:
         key = (batch, length, logits)
         if key not in self._steps:
             cache = next((s.cache for (b, n, _), s in self._steps.items() if (b, n) == (batch, length)), None)
-            cache = cache or self.model.setup_cache(batch, length, self.window)
-            self._steps[key] = Steps(cache, PrefillIds(self.model, not logits),
-                                     DecodeIds(self.model, not logits), FlushWindow(self.model))
+            cache = cache or KVCache.create(self.model, batch, length)
+            self._steps[key] = Steps(cache, PrefillStep(self.model, cache, self.fused, not logits),
+                                     DecodeStep(self.model, cache, self.fused, not logits))
         return self._steps[key]
 
     def clear(self) -> None:
@@ -147,17 +151,15 @@ class Generator:
             self._need_tokenizer("stop strings and streaming")
         n, lens = len(prompts), np.array([len(p) for p in prompts], np.int32)
         batch = batch_bucket(n)
-        length = cache_bucket(max(prompt_bucket(int(lens.max())), int(lens.max()) + max_new_tokens),
-                              self.max_length)
-        width = min(prompt_bucket(int(lens.max())), length)
+        width = min(prompt_bucket(int(lens.max())), self.max_length - max_new_tokens)  # >= lens.max()
+        length = cache_bucket(width + max_new_tokens, self.max_length)
         steps = self.steps_for(batch, length, params.needs_logits)
         ids = np.full((batch, width), self.pad_id, np.int32)
-        ids[n:, 0] = self.bos_id  # filler rows of the batch bucket
+        ids[n:, -1] = self.bos_id  # filler rows of the batch bucket
+        pads = np.full(batch, width - 1, np.int32)
         for i, p in enumerate(prompts):
-            ids[i, :len(p)] = p
-        positions = np.ones(batch, np.int32)
-        positions[:n] = lens
-        starts = positions.copy()  # cache slots from here on live in the decode window
+            ids[i, width - len(p):] = p
+            pads[i] = width - len(p)
         end_ids = set(int(t) for t in stop_ids) | (set() if ignore_eos else {self.eos_id})
         outputs: list[list[int]] = [[] for _ in range(n)]
         track = (stop or stream) and self.tokenizer is not None
@@ -168,12 +170,12 @@ class Generator:
         def pick(out: np.ndarray) -> np.ndarray:
             if not params.needs_logits:
                 return out
-            seen = [np.asarray(prompts[i] + outputs[i]) if i < n else ids[i, :1] for i in range(batch)]
+            seen = [np.asarray(prompts[i] + outputs[i]) if i < n else ids[i, -1:] for i in range(batch)]
             return select_tokens(out, params, rng, seen)
 
         start = time.perf_counter()
-        self.model.use_cache(steps.cache)
-        tokens = pick(steps.prefill(Tensor(ids), Tensor(positions - 1)).asnumpy())
+        pads_t = Tensor(pads)
+        tokens = pick(steps.prefill(Tensor(ids), pads_t).asnumpy())
         self.stats = {"prefill_s": time.perf_counter() - start, "batch": batch, "cache_length": length,
                       "prompt_width": width}
         for step in range(max_new_tokens):
@@ -202,11 +204,7 @@ class Generator:
                 yield pieces
             if all(f is not None for f in finish):
                 break
-            if positions[0] - starts[0] == self.window:
-                steps.flush(Tensor(starts))
-                starts = positions.copy()
-            out = steps.decode(Tensor(tokens.reshape(batch, 1)), Tensor(positions), Tensor(starts)).asnumpy()
-            positions += 1
+            out = steps.decode(Tensor(tokens.reshape(batch, 1)), Tensor([width + step], ms.int32), pads_t).asnumpy()
             tokens = pick(out)
         elapsed = time.perf_counter() - start
         self.stats.update(decode_s=elapsed - self.stats["prefill_s"], total_s=elapsed, steps=step + 1)

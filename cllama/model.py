@@ -1,4 +1,4 @@
-"""Code Llama in MindSpore: RMSNorm, float32 RoPE, grouped-query attention, SwiGLU, static KV cache.
+"""Code Llama in MindSpore: RMSNorm, float32 RoPE, grouped-query attention, SwiGLU.
 
 Parameter names are MindFormers' (REFERENCE.md section 4) so checkpoints interchange:
 `model.tok_embeddings.embedding_weight`, `model.layers.N.attention.wq.weight`, ..., `lm_head.weight`.
@@ -9,7 +9,6 @@ hd head dim, V vocab.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import mindspore as ms
 import numpy as np
@@ -134,15 +133,6 @@ class Attention(nn.Cell):
         self.wo = Linear(self.nh * self.hd, h, param_dtype, compute_dtype)
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
-        self.key_cache = None
-        self.value_cache = None
-        self.key_window = None
-        self.value_window = None
-
-    def set_cache(self, key: Parameter, value: Parameter, key_window: Parameter = None,
-                  value_window: Parameter = None) -> None:
-        self.key_cache, self.value_cache = key, value
-        self.key_window, self.value_window = key_window, value_window
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor):
         b, t, _ = x.shape
@@ -166,70 +156,22 @@ class Attention(nn.Cell):
         q, k, v = self._qkv(x, cos, sin)
         return self.wo(self._attend(q, k, v, mask))
 
-    def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        """Full causal attention over T tokens; their keys/values fill cache slots 0..T-1."""
-        q, k, v = self._qkv(x, cos, sin)
-        ops.assign(self.key_cache, _fill_front(self.key_cache, k))
-        ops.assign(self.value_cache, _fill_front(self.value_cache, v))
-        return self.wo(self._attend(q, k, v, mask))
-
-    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Tensor) -> Tensor:
-        """One token per row: write its key/value at slots (B, nkv, 3) = [b, h, position], then
-        attend over the whole cache with mask (B, 1, 1, L) hiding slots after each position."""
-        q, k, v = self._qkv(x, cos, sin)
-        b = x.shape[0]
-        key_cache = ops.scatter_nd_update(self.key_cache, slots, k.reshape(b, self.nkv, self.hd))
-        value_cache = ops.scatter_nd_update(self.value_cache, slots, v.reshape(b, self.nkv, self.hd))
-        return self.wo(self._attend(q, key_cache, value_cache, mask))
-
-    # functional variants: caches are inputs/outputs, not Parameters (exported graphs)
+    # caches as explicit inputs/outputs (exported graphs; cllama/decoding.py runs generation)
     def prefill_kv(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor):
-        """Like `prefill`; returns (out, k, v) with k, v (B, nkv, T, hd) instead of writing a cache."""
+        """Causal attention over T tokens; returns (out, k, v) with k, v (B, nkv, T, hd), a cache's
+        first T slots."""
         q, k, v = self._qkv(x, cos, sin)
         return self.wo(self._attend(q, k, v, mask)), k, v
 
     def decode_kv(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Tensor,
                   key_cache: Tensor, value_cache: Tensor):
-        """Like `decode` with caches (B, nkv, L, hd) passed in; returns (out, key_cache, value_cache)."""
+        """One token per row: writes its key/value at slots (B, nkv, 3) = [b, h, position] of caches
+        (B, nkv, L, hd) and attends over them; returns (out, key_cache, value_cache)."""
         q, k, v = self._qkv(x, cos, sin)
         b = x.shape[0]
         key_cache = ops.tensor_scatter_update(key_cache, slots, k.reshape(b, self.nkv, self.hd))
         value_cache = ops.tensor_scatter_update(value_cache, slots, v.reshape(b, self.nkv, self.hd))
         return self.wo(self._attend(q, key_cache, value_cache, mask)), key_cache, value_cache
-
-
-    def decode_windowed(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, window_mask: Tensor,
-                        slots: Tensor) -> Tensor:
-        """Like decode, but the new key/value go to a small window buffer (B, nkv, W, hd) at
-        slots (B, nkv, 3) = [b, h, w]: scattering into a CPU Parameter copies all of it, so
-        the full cache is written only by prefill and `flush_window`, once per W steps.
-        mask (B, 1, 1, L) hides unflushed cache slots; window_mask (B, 1, 1, W) later window slots."""
-        q, k, v = self._qkv(x, cos, sin)
-        b = x.shape[0]
-        key_window = ops.scatter_nd_update(self.key_window, slots, k.reshape(b, self.nkv, self.hd))
-        value_window = ops.scatter_nd_update(self.value_window, slots, v.reshape(b, self.nkv, self.hd))
-        q = q.reshape(b, self.nkv, self.n_rep, self.hd)  # T = 1
-        length = self.key_cache.shape[2]
-        scores = ops.concat((self.bmm_t(q, self.key_cache).astype(ms.float32) * self.scale + mask,
-                             self.bmm_t(q, key_window).astype(ms.float32) * self.scale + window_mask), -1)
-        probs = ops.softmax(scores, -1).astype(self.compute_dtype)  # (B, nkv, n_rep, L + W)
-        out = self.bmm(probs[..., :length], self.value_cache) + self.bmm(probs[..., length:], value_window)
-        return self.wo(out.reshape(b, 1, self.nh * self.hd))
-
-    def flush_window(self, slots: Tensor) -> Tensor:
-        """Copy the window into the cache at slots (B, nkv, W, 3) = [b, h, position]."""
-        key = ops.scatter_nd_update(self.key_cache, slots, self.key_window)
-        value = ops.scatter_nd_update(self.value_cache, slots, self.value_window)
-        return key[0, 0, 0, 0] + value[0, 0, 0, 0]
-
-
-def _fill_front(cache: Tensor, new: Tensor) -> Tensor:
-    """cache (B, nkv, L, hd) with slots 0..T-1 replaced by new (B, nkv, T, hd)."""
-    t, length = new.shape[2], cache.shape[2]
-    new = new.astype(cache.dtype)
-    if t == length:
-        return new
-    return ops.concat((new, cache[:, :, t:]), 2)
 
 
 class FeedForward(nn.Cell):
@@ -258,14 +200,6 @@ class DecoderLayer(nn.Cell):
         x = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
-    def prefill(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.attention.prefill(self.attention_norm(x), cos, sin, mask)
-        return x + self.feed_forward(self.ffn_norm(x))
-
-    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Tensor) -> Tensor:
-        x = x + self.attention.decode(self.attention_norm(x), cos, sin, mask, slots)
-        return x + self.feed_forward(self.ffn_norm(x))
-
     def prefill_kv(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor):
         h, k, v = self.attention.prefill_kv(self.attention_norm(x), cos, sin, mask)
         x = x + h
@@ -277,10 +211,6 @@ class DecoderLayer(nn.Cell):
                                                              key_cache, value_cache)
         x = x + h
         return x + self.feed_forward(self.ffn_norm(x)), key_cache, value_cache
-    def decode_windowed(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, window_mask: Tensor,
-                        slots: Tensor) -> Tensor:
-        x = x + self.attention.decode_windowed(self.attention_norm(x), cos, sin, mask, window_mask, slots)
-        return x + self.feed_forward(self.ffn_norm(x))
 
 
 class LlamaModel(nn.Cell):
@@ -298,7 +228,8 @@ class CodeLlama(nn.Cell):
     `model(input_ids)` gives float32 logits (B, T, V) for a full causal forward;
     `model(input_ids, attention_mask)` also hides keys where attention_mask is 0 (positions stay
     0..T-1, as in transformers' forward). `loss(input_ids, labels)` is the training objective.
-    For generation call `setup_cache(batch, length)` and run `PrefillStep` / `DecodeStep`.
+    Generation runs on `cllama.decoding.Engine` (static KV cache); `prefill_kv` / `decode_kv`
+    are the exported graphs' functional form.
     """
 
     def __init__(self, config: ModelConfig, compute_dtype=None) -> None:
@@ -310,7 +241,6 @@ class CodeLlama(nn.Cell):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, param_dtype, self.compute_dtype)
         cos, sin = rope_tables(config, config.seq_length)
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)  # (seq_length, hd) float32
-        self.cache_shape = None
         self.cross_entropy = CrossEntropy()
 
     # ---- full forward ------------------------------------------------------------------------
@@ -346,74 +276,10 @@ class CodeLlama(nn.Cell):
         safe = ops.select(targets == self.config.ignore_token_id, ops.zeros_like(targets), targets)
         return self.cross_entropy(logits.reshape(-1, logits.shape[-1]), safe, weights)[0]
 
-    # ---- cached generation ---------------------------------------------------------------------
-    def setup_cache(self, batch_size: int, length: int, window: int = 32) -> "KVCache":
-        """Preallocate per-layer key/value caches (batch_size, nkv, length, hd) and make them
-        current. Compiled PrefillStep/DecodeStep graphs keep the cache that was current when
-        they compiled: to hold several caches, keep the returned KVCache and `use_cache` it
-        before calling (and so compiling) the steps built for it. `window` sizes the buffers
-        of `decode_windowed` (B, nkv, window, hd)."""
-        if length > self.config.seq_length:
-            raise ValueError(f"setup_cache: length {length} exceeds ModelConfig.seq_length="
-                             f"{self.config.seq_length}; raise seq_length or shorten the request")
-        c = self.config
-        shape = (batch_size, c.n_kv_heads, length, c.head_dim)
-
-        def buffer(i: int, kind: str, size: int = length) -> Parameter:
-            return Parameter(Tensor(np.zeros(shape[:2] + (size, shape[3]), np.float32), self.compute_dtype),
-                             name=f"kv_cache.{i}.{kind}", requires_grad=False)
-
-        slots = np.stack(np.meshgrid(np.arange(batch_size), np.arange(c.n_kv_heads), indexing="ij"), -1)
-        cache = KVCache(keys=[buffer(i, "key") for i in range(c.num_layers)],
-                        values=[buffer(i, "value") for i in range(c.num_layers)],
-                        slots=Tensor(slots.astype(np.int32)),  # (B, nkv, 2) = [b, h]
-                        positions=Tensor(np.arange(length, dtype=np.int32)),
-                        shape=(batch_size, length),
-                        key_windows=[buffer(i, "key_window", window) for i in range(c.num_layers)],
-                        value_windows=[buffer(i, "value_window", window) for i in range(c.num_layers)],
-                        window_positions=Tensor(np.arange(window, dtype=np.int32)))
-        self.use_cache(cache)
-        return cache
-
-    def use_cache(self, cache: "KVCache") -> None:
-        """Make `cache` (from setup_cache) the one the next compiled step binds to."""
-        for i, layer in enumerate(self.model.layers):
-            layer.attention.set_cache(cache.keys[i], cache.values[i], cache.key_windows[i],
-                                      cache.value_windows[i])
-        self.cache_shape = cache.shape
-        self.cache_slots = cache.slots
-        self.cache_positions = cache.positions
-        self.window_positions = cache.window_positions
-
-    def prefill(self, input_ids: Tensor, last_index: Tensor) -> Tensor:
-        """input_ids (B, T) right-padded prompts; last_index (B,) = length - 1 per row.
-        Fills cache slots 0..T-1 and returns float32 logits (B, V) at each row's last token."""
-        t = input_ids.shape[1]
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
-        mask = causal_mask(t).astype(ms.float32) * MASK_VALUE
-        x = self.model.tok_embeddings(input_ids).astype(self.compute_dtype)
-        for layer in self.model.layers:
-            x = layer.prefill(x, cos, sin, mask)
-        last = ops.gather_elements(x, 1, last_index.reshape(-1, 1, 1).broadcast_to((-1, 1, x.shape[2])))
-        return self._logits(self.model.norm_out(last.squeeze(1)))
-
-    def decode(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        """input_ids (B, 1) one new token per row at positions (B,); returns logits (B, V)."""
-        b = input_ids.shape[0]
-        cos = ops.gather(self.rope_cos, positions, 0).reshape(b, 1, 1, -1)
-        sin = ops.gather(self.rope_sin, positions, 0).reshape(b, 1, 1, -1)
-        hidden = (self.cache_positions.reshape(1, -1) > positions.reshape(-1, 1))  # (B, L)
-        mask = hidden.astype(ms.float32).reshape(b, 1, 1, -1) * MASK_VALUE
-        pos = positions.reshape(b, 1, 1).broadcast_to((b, self.config.n_kv_heads, 1))
-        slots = ops.concat((self.cache_slots, pos), -1)  # (B, nkv, 3)
-        x = self.model.tok_embeddings(input_ids).astype(self.compute_dtype)
-        for layer in self.model.layers:
-            x = layer.decode(x, cos, sin, mask, slots)
-        return self._logits(self.model.norm_out(x.squeeze(1)))
-
-    # ---- functional cached generation: caches as explicit inputs/outputs (exported graphs) -----
+    # ---- cached generation with caches as explicit inputs/outputs (exported graphs) ----------
     def prefill_kv(self, input_ids: Tensor, last_index: Tensor):
-        """`prefill` without Parameters: returns (logits (B, V), keys, values) with keys/values
+        """input_ids (B, T) right-padded prompts, last_index (B,) = length - 1 per row; returns
+        (logits (B, V) at each row's last token, keys, values) with keys/values
         (layers, B, nkv, T, hd), the cache of a T-slot generation for `decode_kv`."""
         t = input_ids.shape[1]
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
@@ -428,7 +294,7 @@ class CodeLlama(nn.Cell):
         return self._logits(self.model.norm_out(last.squeeze(1))), ops.stack(keys), ops.stack(values)
 
     def decode_kv(self, input_ids: Tensor, positions: Tensor, keys: Tensor, values: Tensor):
-        """`decode` without Parameters: input_ids (B, 1) at positions (B,), keys/values
+        """One new token per row: input_ids (B, 1) at positions (B,), keys/values
         (layers, B, nkv, L, hd); returns (logits (B, V), keys, values) with the new token written."""
         b, nkv, length = input_ids.shape[0], self.config.n_kv_heads, keys.shape[3]
         cos = ops.gather(self.rope_cos, positions, 0).reshape(b, 1, 1, -1)
@@ -445,50 +311,6 @@ class CodeLlama(nn.Cell):
             new_keys += (k,)
             new_values += (v,)
         return self._logits(self.model.norm_out(x.squeeze(1))), ops.stack(new_keys), ops.stack(new_values)
-
-
-    def decode_windowed(self, input_ids: Tensor, positions: Tensor, starts: Tensor) -> Tensor:
-        """decode() for long runs: the token of row b at positions[b] is the
-        (positions[b] - starts[b])-th since the last flush and goes to the window buffer; cache
-        slots from starts[b] on are hidden. Call flush_window(starts) before the window is full."""
-        b = input_ids.shape[0]
-        cos = ops.gather(self.rope_cos, positions, 0).reshape(b, 1, 1, -1)
-        sin = ops.gather(self.rope_sin, positions, 0).reshape(b, 1, 1, -1)
-        offsets = positions - starts  # (B,)
-        mask = (self.cache_positions.reshape(1, -1) >= starts.reshape(-1, 1))
-        mask = mask.astype(ms.float32).reshape(b, 1, 1, -1) * MASK_VALUE
-        window_mask = (self.window_positions.reshape(1, -1) > offsets.reshape(-1, 1))
-        window_mask = window_mask.astype(ms.float32).reshape(b, 1, 1, -1) * MASK_VALUE
-        at = offsets.reshape(b, 1, 1).broadcast_to((b, self.config.n_kv_heads, 1))
-        slots = ops.concat((self.cache_slots, at), -1)  # (B, nkv, 3)
-        x = self.model.tok_embeddings(input_ids).astype(self.compute_dtype)
-        for layer in self.model.layers:
-            x = layer.decode_windowed(x, cos, sin, mask, window_mask, slots)
-        return self._logits(self.model.norm_out(x.squeeze(1)))
-
-    def flush_window(self, starts: Tensor) -> Tensor:
-        """Write every layer's window buffer into its cache at slots starts[b] .. starts[b]+W-1."""
-        b, nkv, w = starts.shape[0], self.config.n_kv_heads, self.window_positions.shape[0]
-        at = (starts.reshape(b, 1, 1, 1) + self.window_positions.reshape(1, 1, w, 1)).broadcast_to((b, nkv, w, 1))
-        slots = ops.concat((self.cache_slots.reshape(b, nkv, 1, 2).broadcast_to((b, nkv, w, 2)), at), -1)
-        done = ops.zeros((), self.compute_dtype)
-        for layer in self.model.layers:
-            done = done + layer.attention.flush_window(slots)
-        return done
-
-
-@dataclass
-class KVCache:
-    """Per-layer key/value buffers (B, nkv, L, hd) plus the index tensors decode uses."""
-
-    keys: list
-    values: list
-    slots: Tensor      # (B, nkv, 2) int32 = [b, h]
-    positions: Tensor  # (L,) int32 = 0..L-1
-    shape: tuple       # (B, L)
-    key_windows: list  # (B, nkv, W, hd) each: decode_windowed's buffers
-    value_windows: list
-    window_positions: Tensor  # (W,) int32 = 0..W-1
 
 
 def causal_mask(t: int) -> Tensor:
@@ -536,29 +358,3 @@ class CrossEntropy(nn.Cell):
         rows = ops.arange(logits.shape[0], dtype=targets.dtype)
         grad = ops.tensor_scatter_add(grad, ops.stack((rows, targets), 1), -scale)
         return grad.astype(logits.dtype), ops.zeros_like(targets), ops.zeros_like(weights)
-
-
-class PrefillStep(nn.Cell):
-    """Compiled prefill: (input_ids (B, T), last_index (B,)) -> logits (B, V)."""
-
-    def __init__(self, model: CodeLlama) -> None:
-        super().__init__(auto_prefix=False)
-        if model.cache_shape is None:
-            raise ValueError("PrefillStep: call model.setup_cache(batch_size, length) first")
-        self.model = model
-
-    def construct(self, input_ids: Tensor, last_index: Tensor) -> Tensor:
-        return self.model.prefill(input_ids, last_index)
-
-
-class DecodeStep(nn.Cell):
-    """Compiled one-token step: (input_ids (B, 1), positions (B,)) -> logits (B, V)."""
-
-    def __init__(self, model: CodeLlama) -> None:
-        super().__init__(auto_prefix=False)
-        if model.cache_shape is None:
-            raise ValueError("DecodeStep: call model.setup_cache(batch_size, length) first")
-        self.model = model
-
-    def construct(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        return self.model.decode(input_ids, positions)

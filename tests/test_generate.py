@@ -37,11 +37,12 @@ def model_dir(tmp_path_factory, codellama_tokenizer_path):
 
 
 # ---- parity with transformers ----------------------------------------------------------------
-def test_greedy_batch_equals_transformers_generate(hf_llama, ms_llama, rng):
-    """48 new tokens for 3 prompts of different lengths; HF left-pads with an attention mask,
-    cllama right-pads with per-row positions. No eos: both sides must run all 48 steps."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_weights", "model_weights"])
+def test_greedy_batch_equals_transformers_generate(hf_llama, ms_llama, rng, fused):
+    """48 new tokens for 3 prompts of different lengths, both left-padded with the padding
+    masked. No eos: both sides must run all 48 steps."""
     prompts = [list(rng.integers(3, 32000, n)) for n in (5, 17, 11)]
-    out = Generator(ms_llama, window=8).generate(prompts, max_new_tokens=48, ignore_eos=True)  # 5 flushes
+    out = Generator(ms_llama, fused_weights=fused).generate(prompts, max_new_tokens=48, ignore_eos=True)
     width = max(map(len, prompts))
     ids = torch.zeros((3, width), dtype=torch.long)
     mask = torch.zeros((3, width), dtype=torch.long)
@@ -58,11 +59,14 @@ def test_greedy_batch_equals_transformers_generate(hf_llama, ms_llama, rng):
 
 
 def test_compiled_steps_are_reused_across_buckets(gen, tok):
-    """Two cache buckets alternate; each keeps its own cache and compiled cells."""
-    short = gen.generate([tok.encode("def add(a, b):")], max_new_tokens=8)[0].output_ids
+    """Two cache buckets alternate; each keeps its own cache and compiled cells, and a request
+    leaves nothing behind in its cache for the next (decode adds into slots prefill zeroed)."""
+    prompt = tok.encode("def add(a, b):")
+    short = gen.generate([prompt], max_new_tokens=40, ignore_eos=True)[0].output_ids
+    other = gen.generate([tok.encode("import os")], max_new_tokens=60, ignore_eos=True)[0].output_ids
     long_ = gen.generate([list(range(100, 260))], max_new_tokens=8)[0]  # 160 ids: cache 256
-    again = gen.generate([tok.encode("def add(a, b):")], max_new_tokens=8)[0].output_ids
-    assert short == again and gen.stats["cache_length"] == 128
+    again = gen.generate([prompt], max_new_tokens=40, ignore_eos=True)[0].output_ids
+    assert short == again and other != short and gen.stats["cache_length"] == 128
     assert len(gen._steps) >= 2 and long_.finish_reason in ("length", "eos")
 
 
@@ -106,7 +110,9 @@ def test_infill_stops_at_eot(tok):
     weight = model.lm_head.weight
     table = weight.asnumpy()
     table[EOT] = table[free[4]] * 1.05
-    weight.set_data(Tensor(table))  # compiled graphs read the new weights
+    weight.set_data(Tensor(table))
+    assert g.generate([prompt], max_new_tokens=8, ignore_eos=True)[0].output_ids == free  # a copy: unchanged
+    g = Generator(model, tok)  # reads the new weights
     out = g.generate([prompt], max_new_tokens=8, stop_ids=[EOT])[0]
     assert out.output_ids == free[:4] and out.finish_reason == "eos"
     assert g.infill("def f(x):\n    ", "\n    return y\n", max_new_tokens=8) == \

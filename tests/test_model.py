@@ -5,7 +5,7 @@ from mindspore import Tensor
 import mindspore as ms
 
 from cllama.config import ModelConfig
-from cllama.model import CodeLlama, DecodeStep, PrefillStep, param_shapes
+from cllama.model import CodeLlama, param_shapes
 from cllama.weights import load_hf_weights, random_model
 from tests.conftest import make_hf_llama
 
@@ -70,52 +70,6 @@ def test_rope_in_float32_even_for_half_compute():
     cfg = ModelConfig.from_name("codellama-7b", num_layers=1, hidden_size=128, num_heads=2, n_kv_heads=2)
     model = CodeLlama(cfg)
     assert model.rope_cos.dtype == ms.float32 and model.compute_dtype == ms.float32  # CPU
-
-
-def test_cached_greedy_equals_uncached(ms_llama, rng):
-    """KV-cache decoding == repeated full forwards, batch of 2 prompts of different lengths."""
-    prompts = [list(rng.integers(3, 32016, 5)), list(rng.integers(3, 32016, 11))]
-    steps = 32
-    ms_llama.setup_cache(2, 64)
-    prefill, decode = PrefillStep(ms_llama), DecodeStep(ms_llama)
-    padded = np.zeros((2, 16), np.int32)
-    for i, p in enumerate(prompts):
-        padded[i, :len(p)] = p
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    logits = prefill(Tensor(padded), Tensor(lengths - 1)).asnumpy()
-    cached = [list(p) for p in prompts]
-    for _ in range(steps):
-        nxt = logits.argmax(-1).astype(np.int32)
-        for i in range(2):
-            cached[i].append(int(nxt[i]))
-        logits = decode(Tensor(nxt.reshape(2, 1)), Tensor(lengths)).asnumpy()
-        lengths += 1
-    width = 16 + steps  # one compiled shape: right padding does not change earlier positions
-    for i, prompt in enumerate(prompts):
-        seq = list(prompt)
-        for _ in range(steps):
-            row = np.zeros((1, width), np.int32)
-            row[0, :len(seq)] = seq
-            seq.append(int(ms_llama(Tensor(row)).asnumpy()[0, len(seq) - 1].argmax()))
-        assert seq == cached[i]
-
-
-def test_cached_logits_equal_full_forward(ms_llama, rng):
-    ids = rng.integers(3, 32016, (1, 9)).astype(np.int32)
-    ms_llama.setup_cache(1, 16)
-    prefill, decode = PrefillStep(ms_llama), DecodeStep(ms_llama)
-    full = ms_llama(Tensor(ids)).asnumpy()[0]
-    first = prefill(Tensor(ids[:, :6]), Tensor([5], ms.int32)).asnumpy()[0]
-    assert np.abs(first - full[5]).max() < 1e-4
-    for pos in range(6, 9):
-        step = decode(Tensor(ids[:, pos:pos + 1]), Tensor([pos], ms.int32)).asnumpy()[0]
-        assert np.abs(step - full[pos]).max() < 1e-4
-
-
-def test_cache_longer_than_seq_length_is_refused():
-    model = CodeLlama(ModelConfig.from_name("tiny", seq_length=32))
-    with pytest.raises(ValueError, match="seq_length=32"):
-        model.setup_cache(1, 64)
 
 
 def test_loss_matches_torch_cross_entropy(hf_llama, ms_llama, rng):

@@ -1,0 +1,74 @@
+"""The generation engine: prefill/decode steps against the full forward, with the model's weights
+and with the fused copy; the cache layout and the fused-weight memory rule."""
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+from cllama.config import ModelConfig
+from cllama.decoding import (DecodeStep, FusedWeights, KVCache, PrefillStep, available_memory, fuse_by_default,
+                             fused_nbytes, rotate_half_matrix)
+
+
+@pytest.fixture(scope="module")
+def fused(ms_llama):
+    return FusedWeights(ms_llama)
+
+
+@pytest.mark.parametrize("use_fused", [True, False], ids=["fused_weights", "model_weights"])
+def test_steps_equal_full_forward(ms_llama, fused, rng, use_fused):
+    """Two left-padded prompts (16 and 11 tokens) in a 32-slot cache: prefill's logits and six
+    decode steps' equal the full causal forward at the same positions."""
+    ids = rng.integers(3, 32016, (2, 22)).astype(np.int32)
+    full = ms_llama(Tensor(ids)).asnumpy()
+    cache = KVCache.create(ms_llama, 2, 32)
+    weights = fused if use_fused else None
+    prefill = PrefillStep(ms_llama, cache, weights, argmax=False)
+    decode = DecodeStep(ms_llama, cache, weights, argmax=False)
+    width, lens = 16, np.array([16, 11])
+    pads = (width - lens).astype(np.int32)
+    left = np.zeros((2, width), np.int32)
+    for b in range(2):
+        left[b, pads[b]:] = ids[b, :lens[b]]
+    first = prefill(Tensor(left), Tensor(pads)).asnumpy()
+    assert np.abs(first - full[[0, 1], lens - 1]).max() < 1e-4
+    for step in range(6):
+        positions = lens + step
+        out = decode(Tensor(ids[[0, 1], positions].reshape(2, 1)), Tensor([width + step], ms.int32),
+                     Tensor(pads)).asnumpy()
+        assert np.abs(out - full[[0, 1], positions]).max() < 1e-4
+    keys = cache.keys[0].asnumpy()  # (B, nkv, hd, L): slots after the last written one stay zero
+    assert keys.shape == (2, 2, 8, 32) and not keys[..., width + 6:].any() and keys[..., width + 5].any()
+
+
+def test_argmax_steps_equal_logits_steps(ms_llama, fused, rng):
+    ids = rng.integers(3, 32016, (4, 16)).astype(np.int32)
+    pads = Tensor(np.zeros(4, np.int32))
+    cache = KVCache.create(ms_llama, 4, 32)
+    logits = PrefillStep(ms_llama, cache, fused, argmax=False)(Tensor(ids), pads).asnumpy()
+    picked = PrefillStep(ms_llama, cache, fused, argmax=True)(Tensor(ids), pads).asnumpy()
+    assert picked.dtype == np.int32 and (picked == logits.argmax(-1)).all()
+
+
+def test_fused_weights_layout_and_size(ms_llama, fused):
+    c = ms_llama.config
+    layer = fused.layers[0]
+    assert layer.qkv.shape == (c.hidden_size, (c.num_heads + 2 * c.n_kv_heads) * c.head_dim)
+    assert layer.gate_up.shape == (c.hidden_size, 2 * c.ffn_hidden_size)
+    assert fused.head.shape == (c.hidden_size, c.vocab_size)
+    size = sum(int(np.prod(p.shape)) * 4 for p in fused.get_parameters())
+    assert size == fused_nbytes(c, ms.float32)
+    x = np.arange(8, dtype=np.float32)
+    assert (x @ rotate_half_matrix(8) == np.concatenate([-x[4:], x[:4]])).all()
+
+
+def test_fusing_is_chosen_by_free_memory():
+    assert fuse_by_default(ModelConfig.from_name("tiny"), ms.float32)  # CPU, a few MB
+    big = ModelConfig.from_name("codellama-34b")
+    assert fused_nbytes(big, ms.float32) > 100e9 > available_memory()
+    assert not fuse_by_default(big, ms.float32)
+
+
+def test_cache_longer_than_seq_length_is_refused(ms_llama):
+    with pytest.raises(ValueError, match="seq_length=512"):
+        KVCache.create(ms_llama, 1, 1024)
