@@ -13,11 +13,11 @@ slot after the prompt.
 Weights: by default on CPU the steps read a fused copy of the projections, per layer [wq; wk; wv]
 and [w1; w3], stored (in, out), with the RMSNorm weights and the attention scale folded in: CPU
 MatMul reads (in, out) weights about 1.3x faster at batch 8 than the checkpoints' (out, in) with
-transpose_b, and a decode step makes 4 matmuls per layer instead of 7. The copy costs the linear
-weights' size again (fused_nbytes). With
-`fused=False` the steps read the model's own Parameters; that is the default off CPU, or when
-the copy would take more than half the free memory. The copy is taken once: after changing the
-model's weights, build a new FusedWeights (a new Generator).
+transpose_b, and a decode step makes 4 projection matmuls per layer instead of 7. The copy costs
+the linear weights' size again (fused_nbytes). Without the copy the steps read the model's own
+Parameters: the default off CPU, or when the copy would take more than half the free memory.
+The copy is taken once: after changing the model's weights, build a new FusedWeights (a new
+Generator).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from typing import Optional
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from tqdm.auto import tqdm
 
 from cllama.config import ModelConfig
 from cllama.model import MASK_VALUE, CodeLlama, DecoderLayer, causal_mask
@@ -68,14 +69,17 @@ def _fused(name: str, weights, dtype, norm: Optional[Parameter] = None) -> Param
 
 
 class FusedLayer(nn.Cell):
-    """One layer's projections: qkv (H, (nh+2nkv)*hd) after attention_norm, queries scaled by
-    hd**-0.5; o (nh*hd, H); gate_up (H, 2*ffn) after ffn_norm; down (ffn, H)."""
+    """One layer's projections: qkv (H, (nh+2nkv)*hd) after attention_norm, its output viewed as
+    (n_rep + 2, nkv, hd) = queries (scaled by hd**-0.5) grouped by the kv head they share, keys,
+    values; o (nh*hd, H); gate_up (H, 2*ffn) after ffn_norm; down (ffn, H)."""
 
     def __init__(self, i: int, layer: DecoderLayer, dtype) -> None:
         super().__init__(auto_prefix=False)
         att, ffn = layer.attention, layer.feed_forward
-        self.qkv = _fused(f"fused.{i}.qkv", (_as_numpy(att.wq.weight) * att.scale, _as_numpy(att.wk.weight),
-                                             _as_numpy(att.wv.weight)), dtype, layer.attention_norm.weight)
+        wq = _as_numpy(att.wq.weight) * att.scale  # query head h*n_rep + r -> row block r*nkv + h
+        wq = wq.reshape(att.nkv, att.n_rep, att.hd, -1).transpose(1, 0, 2, 3).reshape(wq.shape)
+        self.qkv = _fused(f"fused.{i}.qkv", (wq, _as_numpy(att.wk.weight), _as_numpy(att.wv.weight)), dtype,
+                          layer.attention_norm.weight)
         self.o = _fused(f"fused.{i}.o", (_as_numpy(att.wo.weight),), dtype)
         self.gate_up = _fused(f"fused.{i}.gate_up", (_as_numpy(ffn.w1.weight), _as_numpy(ffn.w3.weight)), dtype,
                               layer.ffn_norm.weight)
@@ -88,8 +92,9 @@ class FusedWeights(nn.Cell):
 
     def __init__(self, model: CodeLlama) -> None:
         super().__init__(auto_prefix=False)
-        dtype = model.compute_dtype
-        self.layers = nn.CellList([FusedLayer(i, layer, dtype) for i, layer in enumerate(model.model.layers)])
+        dtype, layers = model.compute_dtype, model.model.layers
+        bar = tqdm(layers, desc="fusing weights for generation", leave=False, disable=len(layers) < 16)
+        self.layers = nn.CellList([FusedLayer(i, layer, dtype) for i, layer in enumerate(bar)])
         self.head = _fused("fused.head", (_as_numpy(model.lm_head.weight),), dtype, model.model.norm_out.weight)
 
 
@@ -178,9 +183,10 @@ class Step(nn.Cell):
         self.rotate = Tensor(rotate_half_matrix(c.head_dim))
         self.mm = ops.MatMul()
         self.bmm = ops.BatchMatMul()
+        self.split2, self.split3 = ops.Split(-1, 2), ops.Split(1, 3)  # one kernel; ops.split slices
 
     def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x (N, n, hd) rotated in float32 by cos/sin (N, 1, hd)."""
+        """x (N, ..., hd) rotated in float32 by cos/sin broadcasting to it."""
         dtype, shape = x.dtype, x.shape
         x = x.astype(ms.float32)
         rotated = self.mm(x.reshape(-1, self.hd), self.rotate).reshape(shape)
@@ -193,26 +199,42 @@ class Step(nn.Cell):
         x32 = x.astype(ms.float32)
         return (x32 * ops.rsqrt(ops.mean(ops.square(x32), -1, keep_dims=True) + norm.eps)).astype(x.dtype)
 
+    def _rope_tables(self, cos: Tensor, sin: Tensor):
+        """cos/sin (N, 1, hd) as _qkv applies them: for fused weights (N, n_rep + 2, 1, hd), with
+        the value part left unrotated (cos 1, sin 0), so one RoPE pass covers the whole qkv."""
+        if self.fused is None:
+            return cos, sin
+        n, parts = cos.shape[0], self.nh // self.nkv + 1
+        one = ops.ones((n, 1, 1, self.hd), ms.float32)
+        cos = ops.concat((cos.reshape(n, 1, 1, -1).broadcast_to((n, parts, 1, self.hd)), one), 1)
+        sin = ops.concat((sin.reshape(n, 1, 1, -1).broadcast_to((n, parts, 1, self.hd)), one * 0), 1)
+        return cos, sin
+
     def _qkv(self, i: int, layer: DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor):
-        """x (N, H) -> q (N, nh, hd) scaled by hd**-0.5, k (N, nkv, hd) with RoPE, v (N, nkv, hd)."""
+        """x (N, H) -> q (N, nkv, n_rep, hd) scaled by hd**-0.5 and k (N, nkv, hd) with RoPE,
+        v (N, nkv, hd); cos/sin from _rope_tables."""
         n, nh, nkv, hd = x.shape[0], self.nh, self.nkv, self.hd
         h = self._norm(x, layer.attention_norm)
         if self.fused is not None:
-            qkv = self.mm(h, self.fused.layers[i].qkv).reshape(n, nh + 2 * nkv, hd)
-            qk, v = ops.split(qkv, (nh + nkv, nkv), 1)
-            q, k = ops.split(self._rope(qk, cos, sin), (nh, nkv), 1)
-            return q, k, v
+            qkv = self._rope(self.mm(h, self.fused.layers[i].qkv).reshape(n, nh // nkv + 2, nkv, hd), cos, sin)
+            if nh == nkv:
+                q, k, v = self.split3(qkv)
+            else:
+                q, k, v = ops.split(qkv, (nh // nkv, 1, 1), 1)
+                q = q.transpose(0, 2, 1, 3)  # (N, nkv, n_rep, hd)
+            return q.reshape(n, nkv, nh // nkv, hd), k.reshape(n, nkv, hd), v.reshape(n, nkv, hd)
         att = layer.attention
         q = self._rope(att.wq(h).reshape(n, nh, hd), cos, sin) * att.scale
         k = self._rope(att.wk(h).reshape(n, nkv, hd), cos, sin)
-        return q, k, att.wv(h).reshape(n, nkv, hd)
+        return q.reshape(n, nkv, nh // nkv, hd), k, att.wv(h).reshape(n, nkv, hd)
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-        """q (B, nh, T, hd) scaled; keys (B, nkv, hd, L'), values (B, nkv, L', hd); mask additive,
-        (B|1, 1, 1, T, L') -> (B*T, nh*hd). Query heads h*n_rep.. share kv head h."""
-        b, nh, t, hd = q.shape
-        nkv, length = self.nkv, values.shape[2]
-        scores = self.bmm(q.reshape(b, nkv, nh // nkv * t, hd), keys).astype(ms.float32)
+        """q (B, nkv, n_rep*T, hd) scaled, queries grouped by kv head; keys (B, nkv, hd, L'),
+        values (B, nkv, L', hd); mask additive, (B|1, 1, 1, T, L') -> (B*T, nh*hd) with query
+        head h*n_rep + r at h*n_rep + r."""
+        b, nkv, _, hd = q.shape
+        nh, t, length = self.nh, mask.shape[3], values.shape[2]
+        scores = self.bmm(q, keys).astype(ms.float32)
         scores = scores.reshape(b, nkv, nh // nkv, t, length) + mask
         probs = ops.softmax(scores, -1).astype(self.compute_dtype)
         out = self.bmm(probs.reshape(b, nkv, nh // nkv * t, length), values)  # (B, nkv, n_rep*T, hd)
@@ -228,7 +250,7 @@ class Step(nn.Cell):
         h = self._norm(x, layer.ffn_norm)
         if self.fused is None:
             return x + layer.feed_forward(h)
-        gate, up = ops.split(self.mm(h, self.fused.layers[i].gate_up), (self.ffn, self.ffn), -1)
+        gate, up = self.split2(self.mm(h, self.fused.layers[i].gate_up))
         return x + self.mm(ops.silu(gate) * up, self.fused.layers[i].down)
 
     def _next(self, x: Tensor) -> Tensor:
@@ -249,14 +271,14 @@ class PrefillStep(Step):
         nh, nkv, hd = self.nh, self.nkv, self.hd
         columns = self.slots[:t].reshape(1, -1)
         positions = ops.maximum(columns - pads.reshape(-1, 1), 0).reshape(-1)  # (B*W,)
-        cos = ops.gather(self.model.rope_cos, positions, 0).reshape(b * t, 1, hd)
-        sin = ops.gather(self.model.rope_sin, positions, 0).reshape(b * t, 1, hd)
+        cos, sin = self._rope_tables(ops.gather(self.model.rope_cos, positions, 0).reshape(b * t, 1, hd),
+                                     ops.gather(self.model.rope_sin, positions, 0).reshape(b * t, 1, hd))
         hidden = ops.logical_or(causal_mask(t), (columns < pads.reshape(-1, 1)).reshape(b, 1, 1, t))
         mask = (hidden.astype(ms.float32) * MASK_VALUE).reshape(b, 1, 1, t, t)
         x = self.model.model.tok_embeddings(input_ids.reshape(-1)).astype(self.compute_dtype)  # (B*W, H)
         for i, layer in enumerate(self.model.model.layers):
             q, k, v = self._qkv(i, layer, x, cos, sin)
-            q = q.reshape(b, t, nh, hd).transpose(0, 2, 1, 3)
+            q = q.reshape(b, t, nkv, nh // nkv, hd).transpose(0, 2, 3, 1, 4).reshape(b, nkv, -1, hd)
             k = k.reshape(b, t, nkv, hd).transpose(0, 2, 3, 1)  # (B, nkv, hd, W)
             v = v.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)  # (B, nkv, W, hd)
             ops.assign(self.keys[i], self._fill(k, self.keys[i], 3))
@@ -279,10 +301,10 @@ class DecodeStep(Step):
     cache slot `slot` (position slot - pads[b]) and attends to slots pads[b]..slot."""
 
     def construct(self, input_ids: Tensor, slot: Tensor, pads: Tensor) -> Tensor:
-        b, nh, nkv, hd, length = self.batch, self.nh, self.nkv, self.hd, self.length
+        b, nkv, hd, length = self.batch, self.nkv, self.hd, self.length
         positions = slot - pads  # (B,)
-        cos = ops.gather(self.model.rope_cos, positions, 0).reshape(b, 1, hd)
-        sin = ops.gather(self.model.rope_sin, positions, 0).reshape(b, 1, hd)
+        cos, sin = self._rope_tables(ops.gather(self.model.rope_cos, positions, 0).reshape(b, 1, hd),
+                                     ops.gather(self.model.rope_sin, positions, 0).reshape(b, 1, hd))
         slots = self.slots.reshape(1, -1)
         hidden = ops.logical_or(slots < pads.reshape(-1, 1), slots > slot)  # (B, L)
         mask = (hidden.astype(ms.float32) * MASK_VALUE).reshape(b, 1, 1, 1, length)
@@ -291,7 +313,7 @@ class DecodeStep(Step):
             q, k, v = self._qkv(i, layer, x, cos, sin)
             keys = ops.index_add(self.keys[i], slot, k.reshape(b, nkv, hd, 1).astype(self.keys[i].dtype), 3)
             values = ops.index_add(self.values[i], slot, v.reshape(b, nkv, 1, hd).astype(self.values[i].dtype), 2)
-            x = self._layer(i, layer, x, q.reshape(b, nh, 1, hd), keys, values, mask)
+            x = self._layer(i, layer, x, q, keys, values, mask)
         return self._next(x)
 
 

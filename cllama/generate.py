@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
@@ -177,7 +176,7 @@ class Generator:
         pads_t = Tensor(pads)
         tokens = pick(steps.prefill(Tensor(ids), pads_t).asnumpy())
         self.stats = {"prefill_s": time.perf_counter() - start, "batch": batch, "cache_length": length,
-                      "prompt_width": width}
+                      "prompt_width": width, "fused_weights": self.fused is not None}
         for step in range(max_new_tokens):
             pieces = []
             now = time.perf_counter()
@@ -204,7 +203,8 @@ class Generator:
                 yield pieces
             if all(f is not None for f in finish):
                 break
-            out = steps.decode(Tensor(tokens.reshape(batch, 1)), Tensor([width + step], ms.int32), pads_t).asnumpy()
+            slot = Tensor(np.array([width + step], np.int32))  # every row writes this cache slot
+            out = steps.decode(Tensor(tokens.reshape(batch, 1)), slot, pads_t).asnumpy()
             tokens = pick(out)
         elapsed = time.perf_counter() - start
         self.stats.update(decode_s=elapsed - self.stats["prefill_s"], total_s=elapsed, steps=step + 1)

@@ -8,6 +8,7 @@ from mindspore import Tensor
 from cllama.config import ModelConfig
 from cllama.decoding import (DecodeStep, FusedWeights, KVCache, PrefillStep, available_memory, fuse_by_default,
                              fused_nbytes, rotate_half_matrix)
+from cllama.weights import random_model
 
 
 @pytest.fixture(scope="module")
@@ -15,16 +16,24 @@ def fused(ms_llama):
     return FusedWeights(ms_llama)
 
 
+@pytest.fixture(scope="module")
+def no_gqa():
+    """A tiny model with as many kv heads as query heads (7B/13B's layout; ms_llama has GQA)."""
+    return random_model(ModelConfig.from_name("tiny", n_kv_heads=4, seq_length=64), seed=3)
+
+
 @pytest.mark.parametrize("use_fused", [True, False], ids=["fused_weights", "model_weights"])
-def test_steps_equal_full_forward(ms_llama, fused, rng, use_fused):
+@pytest.mark.parametrize("gqa", [True, False], ids=["gqa", "mha"])
+def test_steps_equal_full_forward(ms_llama, fused, no_gqa, rng, use_fused, gqa):
     """Two left-padded prompts (16 and 11 tokens) in a 32-slot cache: prefill's logits and six
     decode steps' equal the full causal forward at the same positions."""
+    model = ms_llama if gqa else no_gqa
     ids = rng.integers(3, 32016, (2, 22)).astype(np.int32)
-    full = ms_llama(Tensor(ids)).asnumpy()
-    cache = KVCache.create(ms_llama, 2, 32)
-    weights = fused if use_fused else None
-    prefill = PrefillStep(ms_llama, cache, weights, argmax=False)
-    decode = DecodeStep(ms_llama, cache, weights, argmax=False)
+    full = model(Tensor(ids)).asnumpy()
+    cache = KVCache.create(model, 2, 32)
+    weights = (fused if gqa else FusedWeights(model)) if use_fused else None
+    prefill = PrefillStep(model, cache, weights, argmax=False)
+    decode = DecodeStep(model, cache, weights, argmax=False)
     width, lens = 16, np.array([16, 11])
     pads = (width - lens).astype(np.int32)
     left = np.zeros((2, width), np.int32)
@@ -38,7 +47,9 @@ def test_steps_equal_full_forward(ms_llama, fused, rng, use_fused):
                      Tensor(pads)).asnumpy()
         assert np.abs(out - full[[0, 1], positions]).max() < 1e-4
     keys = cache.keys[0].asnumpy()  # (B, nkv, hd, L): slots after the last written one stay zero
-    assert keys.shape == (2, 2, 8, 32) and not keys[..., width + 6:].any() and keys[..., width + 5].any()
+    c = model.config
+    assert keys.shape == (2, c.n_kv_heads, c.head_dim, 32)
+    assert not keys[..., width + 6:].any() and keys[..., width + 5].any()
 
 
 def test_argmax_steps_equal_logits_steps(ms_llama, fused, rng):

@@ -3,7 +3,6 @@ streaming, errors, the CLI contract. Graphs compile once per module through fixt
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from mindspore import Tensor

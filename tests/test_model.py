@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 from mindspore import Tensor
 import mindspore as ms
