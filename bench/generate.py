@@ -11,7 +11,7 @@ and use the same threads. Figures, best of --reps after a warm-up, sides interle
 - decode at batch 1 as a fraction of the memory-bandwidth floor: weight bytes read per token
   (every parameter but the input embedding, x4 bytes) over numpy's a.sum() bandwidth on 1 GiB.
 
-    python bench/generate.py [--reps 3] [--new-tokens 128] [--preset small]
+    python bench/generate.py [--reps 5] [--new-tokens 128] [--preset small]
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def build(preset: str, seed: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
