@@ -31,7 +31,9 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from tqdm.auto import tqdm
 
 from cllama.config import ModelConfig
+from cllama.environment import memory_gib
 from cllama.model import MASK_VALUE, CodeLlama, DecoderLayer, causal_mask
+from cllama.weights import to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +57,12 @@ def cache_bucket(n: int, max_length: int) -> int:
 
 
 # ---- weights and cache ---------------------------------------------------------------------------
-def _as_numpy(weight: Parameter) -> np.ndarray:
-    return (weight.astype(ms.float32) if weight.dtype == ms.bfloat16 else weight).asnumpy()
-
-
 def _fused(name: str, weights, dtype, norm: Optional[Parameter] = None) -> Parameter:
     """One (in, out) Parameter holding [out, in] weights side by side; a preceding RMSNorm's
     weight folded in: (x * g) @ W.T == x @ (W * g).T."""
     stacked = np.concatenate(weights, 0)
     if norm is not None:
-        stacked = stacked * _as_numpy(norm)[None, :]
+        stacked = stacked * to_numpy(norm)[None, :]
     return Parameter(Tensor(np.ascontiguousarray(stacked.T), dtype), name=name, requires_grad=False)
 
 
@@ -76,14 +74,14 @@ class FusedLayer(nn.Cell):
     def __init__(self, i: int, layer: DecoderLayer, dtype) -> None:
         super().__init__(auto_prefix=False)
         att, ffn = layer.attention, layer.feed_forward
-        wq = _as_numpy(att.wq.weight) * att.scale  # query head h*n_rep + r -> row block r*nkv + h
+        wq = to_numpy(att.wq.weight) * att.scale  # query head h*n_rep + r -> row block r*nkv + h
         wq = wq.reshape(att.nkv, att.n_rep, att.hd, -1).transpose(1, 0, 2, 3).reshape(wq.shape)
-        self.qkv = _fused(f"fused.{i}.qkv", (wq, _as_numpy(att.wk.weight), _as_numpy(att.wv.weight)), dtype,
+        self.qkv = _fused(f"fused.{i}.qkv", (wq, to_numpy(att.wk.weight), to_numpy(att.wv.weight)), dtype,
                           layer.attention_norm.weight)
-        self.o = _fused(f"fused.{i}.o", (_as_numpy(att.wo.weight),), dtype)
-        self.gate_up = _fused(f"fused.{i}.gate_up", (_as_numpy(ffn.w1.weight), _as_numpy(ffn.w3.weight)), dtype,
+        self.o = _fused(f"fused.{i}.o", (to_numpy(att.wo.weight),), dtype)
+        self.gate_up = _fused(f"fused.{i}.gate_up", (to_numpy(ffn.w1.weight), to_numpy(ffn.w3.weight)), dtype,
                               layer.ffn_norm.weight)
-        self.down = _fused(f"fused.{i}.down", (_as_numpy(ffn.w2.weight),), dtype)
+        self.down = _fused(f"fused.{i}.down", (to_numpy(ffn.w2.weight),), dtype)
 
 
 class FusedWeights(nn.Cell):
@@ -95,7 +93,7 @@ class FusedWeights(nn.Cell):
         dtype, layers = model.compute_dtype, model.model.layers
         bar = tqdm(layers, desc="fusing weights for generation", leave=False, disable=len(layers) < 16)
         self.layers = nn.CellList([FusedLayer(i, layer, dtype) for i, layer in enumerate(bar)])
-        self.head = _fused("fused.head", (_as_numpy(model.lm_head.weight),), dtype, model.model.norm_out.weight)
+        self.head = _fused("fused.head", (to_numpy(model.lm_head.weight),), dtype, model.model.norm_out.weight)
 
 
 def fused_nbytes(config: ModelConfig, compute_dtype) -> int:
@@ -107,24 +105,12 @@ def fused_nbytes(config: ModelConfig, compute_dtype) -> int:
     return itemsize * (c.num_layers * per_layer + h * c.vocab_size)
 
 
-def available_memory() -> Optional[int]:
-    """MemAvailable from /proc/meminfo in bytes, or None where there is none."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def fuse_by_default(config: ModelConfig, compute_dtype) -> bool:
     """Fuse on CPU when the copy takes at most half the free memory."""
     if ms.get_context("device_target") != "CPU":
         return False
-    free, need = available_memory(), fused_nbytes(config, compute_dtype)
-    if free is not None and need > free // 2:
+    free, need = memory_gib()["available"] * 2**30, fused_nbytes(config, compute_dtype)
+    if free and need > free / 2:  # 0: /proc/meminfo unreadable
         log.info("generation reads the model's own weights: a fused copy needs %.1f GB, %.1f GB free",
                  need / 1e9, free / 1e9)
         return False
@@ -196,8 +182,7 @@ class Step(nn.Cell):
         """RMSNorm; with fused weights its weight is already in the next projection."""
         if self.fused is None:
             return norm(x)
-        x32 = x.astype(ms.float32)
-        return (x32 * ops.rsqrt(ops.mean(ops.square(x32), -1, keep_dims=True) + norm.eps)).astype(x.dtype)
+        return norm.normalize(x).astype(x.dtype)
 
     def _rope_tables(self, cos: Tensor, sin: Tensor):
         """cos/sin (N, 1, hd) as _qkv applies them: for fused weights (N, n_rep + 2, 1, hd), with

@@ -98,11 +98,13 @@ class RMSNorm(nn.Cell):
         self.eps = eps
         self.weight = Parameter(initializer("ones", (dim,), param_dtype), name="weight")
 
-    def construct(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
+    def normalize(self, x: Tensor) -> Tensor:
+        """x / rms(x) in float32, without the weight."""
         x = x.astype(ms.float32)
-        x = x * ops.rsqrt(ops.mean(ops.square(x), -1, keep_dims=True) + self.eps)
-        return (x * self.weight.astype(ms.float32)).astype(dtype)
+        return x * ops.rsqrt(ops.mean(ops.square(x), -1, keep_dims=True) + self.eps)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return (self.normalize(x) * self.weight.astype(ms.float32)).astype(x.dtype)
 
 
 class Embedding(nn.Cell):
