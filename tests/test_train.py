@@ -13,7 +13,7 @@ import pytest
 
 from cllama.config import ModelConfig
 from cllama.runconfig import load_run_config, save_run_config
-from cllama.train import summarize, train
+from cllama.train import train
 from cllama.trainer import checkpoint_steps, read_metrics
 from cllama.weights import load_model_dir, random_model, read_checkpoint, save_model_dir
 
