@@ -197,9 +197,9 @@ class Step(nn.Cell):
         sin = ops.concat((sin.reshape(n, 1, 1, -1).broadcast_to((n, parts, 1, self.hd)), one * 0), 1)
         return cos, sin
 
-    def _qkv(self, i: int, layer: DecoderLayer, x: Tensor, rope: tuple):
+    def _qkv(self, i: int, layer: DecoderLayer, x: Tensor, rope):
         """x (N, H) -> q (N, nkv, n_rep, hd) scaled by hd**-0.5 and k (N, nkv, hd) with RoPE,
-        v (N, nkv, hd); rope: what _rope takes (cos/sin from _rope_tables here)."""
+        v (N, nkv, hd); rope: what _rope takes ((cos, sin) from _rope_tables here)."""
         n, nh, nkv, hd = x.shape[0], self.nh, self.nkv, self.hd
         h = self._norm(x, layer.attention_norm)
         if self.fused is not None:
@@ -303,9 +303,8 @@ class DecodeStep(Step):
         parts = self.nh // self.nkv + 1
         return ops.concat((rotation.broadcast_to((b, parts, hd, hd)), self.eye.broadcast_to((b, 1, hd, hd))), 1)
 
-    def _rope(self, x: Tensor, rope: tuple) -> Tensor:
-        """x (B, parts, ..., hd) or (B, heads, hd) rotated by rope = (_rotation's matrices,)."""
-        rotation = rope[0]
+    def _rope(self, x: Tensor, rotation: Tensor) -> Tensor:
+        """x (B, parts, ..., hd) or (B, heads, hd) rotated by _rotation's matrices."""
         dtype, shape, b = x.dtype, x.shape, x.shape[0]
         x = x.astype(ms.float32).reshape(b, rotation.shape[1], -1, self.hd)
         return self.bmm(x, rotation).reshape(shape).astype(dtype)
@@ -318,7 +317,7 @@ class DecodeStep(Step):
         mask = (hidden.astype(ms.float32) * MASK_VALUE).reshape(b, 1, 1, 1, length)
         x = self.model.model.tok_embeddings(input_ids.reshape(-1)).astype(self.compute_dtype)  # (B, H)
         for i, layer in enumerate(self.model.model.layers):
-            q, k, v = self._qkv(i, layer, x, (rotation,))
+            q, k, v = self._qkv(i, layer, x, rotation)
             keys = ops.index_add(self.keys[i], slot, k.reshape(b, nkv, hd, 1).astype(self.keys[i].dtype), 3)
             values = ops.index_add(self.values[i], slot, v.reshape(b, nkv, 1, hd).astype(self.values[i].dtype), 2)
             x = self._layer(i, layer, x, q, keys, values, mask)
