@@ -53,7 +53,7 @@ def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 def write_checkpoint(folder: Path) -> None:
     """Random bfloat16 weights (normal, std 0.02; norms 1), streamed into model.safetensors."""
-    from cllama.stfile import SafetensorsWriter, float32_to_bf16_bits
+    from cllama.checkpoint.safetensors_file import SafetensorsWriter, float32_to_bf16_bits
 
     if (folder / "model.safetensors").exists() and (folder / "config.json").exists():
         return
@@ -83,7 +83,7 @@ def baseline(src: str, dst: str) -> None:
     from transformers import LlamaForCausalLM
     from transformers.utils import logging
 
-    from cllama.weights import hf_to_ms_name
+    from cllama.checkpoint.model_dir import hf_to_ms_name
 
     logging.disable_progress_bar()
     model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -107,7 +107,7 @@ def run(cmd: list[str]) -> tuple[float, int]:
 
 
 def same_weights(a: Path, b: Path) -> bool:
-    from cllama.ckpt_io import CkptFile
+    from cllama.checkpoint.ckpt_file import CkptFile
 
     fa, fb = CkptFile(a), CkptFile(b)
     if sorted(fa.keys()) != sorted(fb.keys()):

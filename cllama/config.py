@@ -2,15 +2,24 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from cllama.fileio import read_json, write_json
+
 DTYPES = ("float32", "float16", "bfloat16")
 EXTEND_METHODS = ("None", "PI", "NTK")
+
+# Fields cllama keeps but does not act on: (default, what cllama does instead). Logged when a
+# model is built with another value (cllama.model.CodeLlama).
+STORED_ONLY = {
+    "rotary_dtype": ("float32", "stored only: cllama computes RoPE in float32 always (REFERENCE.md section 3)"),
+    "use_past": (False, "stored only: cllama's generation always uses its static KV cache"),
+    "use_flash_attention": (False, "stored only: cllama computes attention with its math path"),
+}
 
 # Keys MindFormers YAMLs carry that we store but that change nothing in CPU numerics.
 STORED_KEYS = (
@@ -83,9 +92,23 @@ class ModelConfig:
             return self.theta * self.scaling_factor ** (d / (d - 2))
         return self.theta
 
+    @property
+    def param_itemsize(self) -> int:
+        """Bytes per stored parameter (param_init_type)."""
+        return 4 if self.param_init_type == "float32" else 2
+
     def num_params(self) -> int:
-        from cllama.model import param_shapes
-        return sum(math.prod(s) for s in param_shapes(self).values())
+        """Parameters of the model (cllama.checkpoint.names.param_shapes lists them one by one)."""
+        h, hd, kv = self.hidden_size, self.head_dim, self.n_kv_heads * self.head_dim
+        per_layer = 2 * h + h * self.num_heads * hd * 2 + 2 * h * kv + 3 * h * self.ffn_hidden_size
+        return self.num_layers * per_layer + 2 * self.vocab_size * h + h
+
+    def stored_only_notes(self) -> list[str]:
+        """One line per key set here that cllama stores without acting on it (see STORED_ONLY)."""
+        notes = [f"{key}={getattr(self, key)!r}: {why}" for key, (default, why) in STORED_ONLY.items()
+                 if getattr(self, key) != default]
+        return notes + [f"{key}={value!r}: stored only (a MindFormers key with no effect in cllama)"
+                        for key, value in self.extra.items()]
 
     # ---- validation ----------------------------------------------------------------------
     def validate(self) -> None:
@@ -155,14 +178,10 @@ class ModelConfig:
         values.update(extra)
         return values
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write JSON (MindFormers keys). `path` is a file or a model directory."""
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON (MindFormers keys), atomically. `path` is a file or a model directory."""
         path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        return write_json(path / "config.json" if path.is_dir() else path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -170,12 +189,8 @@ class ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no config.json; a model directory needs one") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        values = read_json(path, "cllama config.json (ModelConfig, MindFormers keys)",
+                           "a model directory holds config.json + model.ckpt (`cllama model init` makes one)")
         if "num_hidden_layers" in values:
             raise ValueError(f"{path}: this is a Hugging Face config.json; read it with "
                              "ModelConfig.from_hf(), or convert the folder with `cllama convert hf2ms`")
@@ -205,7 +220,7 @@ class ModelConfig:
             path = Path(hf)
             path = path / "config.json" if path.is_dir() else path
             source = str(path)
-            hf = json.loads(path.read_text())
+            hf = read_json(path, "Hugging Face config.json")
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                "vocab_size", "intermediate_size") if k not in hf]
         if missing:

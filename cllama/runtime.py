@@ -1,9 +1,28 @@
-"""MindSpore context set-up: device detection and graph mode, called by entry points, never at import."""
+"""The host and MindSpore's context: where cllama runs from, memory, device detection and graph mode
+(set up by entry points, never at import)."""
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+from pathlib import Path
+
+# The checkout cllama runs from (configs/, notebooks/ beside the package); relative config and
+# notebook paths are also tried from here.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def memory_gib() -> dict[str, float]:
+    """Total and available memory (GiB) from /proc/meminfo."""
+    info = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("MemTotal", "MemAvailable"):
+                info[key] = int(value.split()[0]) / 2**20
+    except OSError:
+        pass
+    return {"total": round(info.get("MemTotal", 0.0), 2), "available": round(info.get("MemAvailable", 0.0), 2)}
 
 
 def quiet_mindspore_logs() -> None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import sentencepiece as spm
+
+from cllama.fileio import atomic_write
 
 PREFIX, SUFFIX, MIDDLE, EOT = "▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"
 SENTINEL = "☺"  # prepended to the suffix and dropped, so the suffix gets no dummy leading space
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+MODES = ("completion", "infill", "chat")  # the prompt layouts a generation can take
 
 
 def bundled_tokenizer_path() -> Path:
@@ -80,9 +83,15 @@ class Tokenizer:
         return ([self.bos_id, self.prefix_id] + self.encode(prefix, bos=False) + [self.suffix_id]
                 + self.encode_infilling(suffix) + [self.middle_id])
 
-    def chat_prompt(self, dialog: Sequence[dict]) -> list[int]:
-        """Code Llama - Instruct: `[INST] ... [/INST]` turns; an optional leading system message
-        is folded into the first user turn. Roles must alternate user/assistant, ending with user."""
+    @staticmethod
+    def chat_turns(dialog: Sequence[dict], answered: bool = False) -> list[tuple[str, Optional[str]]]:
+        """The Code Llama - Instruct template, the one place it is written: (prompt text, answer
+        text) per exchange, `"[INST] {user} [/INST]"` and `"{answer} "` (both stripped); the last
+        user turn has answer None. An optional leading system message is folded into the first user
+        turn as `<<SYS>>\n{system}\n<</SYS>>\n\n{user}`. Roles must alternate user/assistant
+        (after the system message) and end with user, or with `answered` (training data) with the
+        assistant, and then every exchange has its answer. Each exchange is encoded bos + prompt +
+        answer + eos; an unanswered last one, bos + prompt."""
         dialog = list(dialog)
         if not dialog:
             raise ValueError("chat: empty dialog; give at least one {'role': 'user', 'content': ...}")
@@ -99,13 +108,20 @@ class Tokenizer:
             if msg["role"] != want:
                 raise ValueError(f"chat: message {i} has role {msg['role']!r}, expected {want!r}; roles "
                                  "go (system), user, assistant, user, ... and end with user")
-        if dialog[-1]["role"] != "user":
-            raise ValueError("chat: the last message must come from the user")
+        last = "assistant" if answered else "user"
+        if dialog[-1]["role"] != last:
+            raise ValueError(f"chat: the last message must come from the {last}")
+        turns: list[tuple[str, Optional[str]]] = [
+            (f"{B_INST} {u['content'].strip()} {E_INST}", f"{a['content'].strip()} ")
+            for u, a in zip(dialog[0::2], dialog[1::2])]
+        return turns if answered else turns + [(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", None)]
+
+    def chat_prompt(self, dialog: Sequence[dict]) -> list[int]:
+        """Prompt ids of an Instruct dialog (chat_turns), each finished exchange encoded as one text
+        the way Meta's chat_completion does: bos + enc(prompt + " " + answer) + eos, then bos + enc(last)."""
         ids: list[int] = []
-        for user, answer in zip(dialog[0::2], dialog[1::2]):
-            ids += self.encode(f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} ",
-                               bos=True, eos=True)
-        ids += self.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True)
+        for prompt, answer in self.chat_turns(dialog):
+            ids += self.encode(prompt if answer is None else f"{prompt} {answer}", bos=True, eos=answer is not None)
         return ids
 
 
@@ -134,8 +150,4 @@ def extend_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     for piece in added:
         new = proto.pieces.add()
         new.piece, new.score, new.type = piece, 0.0, pb.ModelProto.SentencePiece.USER_DEFINED
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_bytes(proto.SerializeToString())
-    os.replace(tmp, dst)
-    return dst
+    return atomic_write(dst, proto.SerializeToString())

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from cllama.config import PRESETS, ModelConfig
-from cllama.model import param_shapes
+from cllama.checkpoint.names import param_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,8 +4,9 @@ from mindspore import Tensor
 import mindspore as ms
 
 from cllama.config import ModelConfig
-from cllama.model import CodeLlama, param_shapes
-from cllama.weights import load_hf_weights, random_model
+from cllama.checkpoint.names import param_shapes
+from cllama.model import CodeLlama
+from cllama.checkpoint.model_dir import load_hf_weights, random_model
 from tests.conftest import make_hf_llama
 
 

@@ -1,0 +1,3 @@
+"""Notebook 01, weights: parameter names and shapes (`names`, pure), the MindSpore .ckpt and
+safetensors files (`ckpt_file`, `safetensors_file`), Hugging Face / Meta / MindSpore tensor sources
+(`sources`), streaming conversion (`convert`) and model directories (`model_dir`)."""

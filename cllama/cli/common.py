@@ -1,0 +1,41 @@
+"""Helpers the `cllama` subcommand modules share."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def print_json(value) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def init_device(args) -> None:
+    from cllama.runtime import init_context
+
+    init_context(args.device)
+
+
+def parse_set(pairs) -> dict:
+    from cllama.train.runconfig import parse_overrides
+
+    return parse_overrides(pairs)
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise ValueError(f"--k {text!r}: write comma-separated integers, e.g. --k 1,10,100") from None
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--k {text!r}: every k must be >= 1")
+    return ks
+
+
+def command(sub, name: str, func, help: str, **kwargs) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, **kwargs)
+    p.set_defaults(func=func)
+    return p
+
+
+def device_arg(p) -> None:
+    p.add_argument("--device", help="CPU or Ascend (default: detect)")

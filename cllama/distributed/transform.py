@@ -1,0 +1,297 @@
+"""Distributed checkpoints: split a full checkpoint into `rank_X/` shards, merge shards back, and
+re-shard between layouts, all through MindSpore's own engine (`mindspore.transform_checkpoints`,
+`transform_checkpoint_by_rank`), with a round-trip verification by checksums.
+
+A sharded checkpoint folder:  rank_0/checkpoint_0.ckpt ... rank_N/checkpoint_N.ckpt, strategy.ckpt
+(the merged strategy of the layout) and, when known, config.json and tokenizer.model.
+A full checkpoint: a model directory (config.json + model.ckpt) or one `.ckpt` file.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Union
+
+import numpy as np
+
+from cllama.fileio import install, temp_path
+from cllama.distributed.strategy import (ParamLayout, check_strategy, device_count, memory_per_rank, read_strategy,
+                                         write_strategy)
+
+PREFIX = "checkpoint_"  # MindFormers' shard file prefix: rank_X/checkpoint_X.ckpt
+STRATEGY_FILE = "strategy.ckpt"
+StrategyArg = Union[str, os.PathLike, Mapping[str, ParamLayout], None]
+
+
+@dataclass
+class Source:
+    """What a checkpoint path holds."""
+
+    path: Path                 # the model dir, the `.ckpt` file's folder, or the sharded folder
+    ckpt: Path | None          # the full checkpoint file, or None when sharded
+    strategy: StrategyArg      # the sharded folder's strategy (file, per-stage folder or layouts)
+
+    @property
+    def sharded(self) -> bool:
+        return self.ckpt is None
+
+
+def find_source(src: str | os.PathLike, strategy: StrategyArg = None) -> Source:
+    """Classify `src`: a `.ckpt` file, a model directory (model.ckpt) or a `rank_X/` folder."""
+    src = Path(src)
+    if src.is_file():
+        if src.suffix != ".ckpt":
+            raise ValueError(f"{src}: expected a MindSpore `.ckpt` file, a model directory or a folder of rank_X/")
+        full = src
+    elif (src / "model.ckpt").is_file():
+        full = src / "model.ckpt"
+    elif src.is_dir() and any(p.is_dir() and p.name[5:].isdigit() for p in src.glob("rank_*")):
+        strategy = strategy or (src / STRATEGY_FILE if (src / STRATEGY_FILE).exists() else None)
+        if strategy is None:
+            raise ValueError(f"{src}: sharded checkpoint without {STRATEGY_FILE}; pass --src-strategy "
+                             "(the training job's strategy file, or the folder of its per-stage files)")
+        return Source(src, None, strategy)
+    else:
+        raise FileNotFoundError(f"{src}: no checkpoint (expected a .ckpt file, a model directory with "
+                                "model.ckpt, or a folder with rank_X/ subfolders)")
+    if strategy is not None:
+        raise ValueError(f"{src}: a full checkpoint has no source strategy; drop --src-strategy")
+    return Source(full.parent, full, None)
+
+
+# ---- checksums ------------------------------------------------------------------------------------
+def checksums(path: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every tensor (dtype, shape and bytes) in one checkpoint file."""
+    import mindspore as ms
+
+    return tensor_checksums(ms.load_checkpoint(str(path)))
+
+
+def tensor_checksums(params: Mapping) -> dict[str, str]:
+    """sha256 of each loaded tensor's dtype, shape and bytes."""
+    from cllama.checkpoint.model_dir import to_numpy
+
+    out = {}
+    for name, param in params.items():
+        arr = np.ascontiguousarray(to_numpy(param))
+        h = hashlib.sha256(f"{param.dtype}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+        out[name] = h.hexdigest()
+    return out
+
+
+def fingerprint(sums: Mapping[str, str]) -> str:
+    """One sha256 over a checkpoint's per-tensor checksums (order independent)."""
+    return hashlib.sha256("".join(f"{k}={sums[k]};" for k in sorted(sums)).encode()).hexdigest()
+
+
+def shard_files(folder: str | os.PathLike) -> dict[int, Path]:
+    """rank -> checkpoint file of a sharded folder (the last `.ckpt` in each rank_X/, as MindSpore picks)."""
+    out = {}
+    for d in Path(folder).glob("rank_*"):
+        files = sorted(d.glob("*.ckpt"))
+        if d.is_dir() and d.name[5:].isdigit() and files:
+            out[int(d.name[5:])] = files[-1]
+    return dict(sorted(out.items()))
+
+
+def rank_memory(layouts: Mapping[str, ParamLayout], shards_dir: str | os.PathLike, itemsize: int = 4) -> list[dict]:
+    """Per rank: its pipeline stage, the weight bytes the layout gives it and the size of its shard
+    file in `shards_dir` (a split's output)."""
+    computed, files = memory_per_rank(layouts, itemsize), shard_files(shards_dir)
+    per_stage = len(computed) // (max(lay.stage for lay in layouts.values()) + 1)
+    return [{"rank": rank, "stage": rank // per_stage, "layout_bytes": size,
+             "file_bytes": files[rank].stat().st_size if rank in files else 0} for rank, size in enumerate(computed)]
+
+
+def _compare(expected: Mapping[str, str], got: Mapping[str, str], what: str) -> None:
+    bad = sorted(n for n in set(expected) | set(got) if expected.get(n) != got.get(n))
+    if bad:
+        raise ValueError(f"verification failed: {what} differs in {len(bad)} tensors, e.g. {bad[:3]}; "
+                         "the output was not written")
+
+
+# ---- the engine ------------------------------------------------------------------------------------
+def _strategy_file(strategy: StrategyArg, work: Path, name: str) -> str | None:
+    """A strategy file path for MindSpore: files as they are, folders merged, layouts written."""
+    if strategy is None:
+        return None
+    if isinstance(strategy, Mapping):
+        return str(write_strategy(strategy, work / f"{name}.ckpt"))
+    path = Path(strategy)
+    if path.is_dir():
+        from cllama.distributed.strategy import merge_stage_files
+
+        return str(merge_stage_files(path, work / f"{name}.ckpt"))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: strategy file not found")
+    return str(path.resolve())
+
+
+def _staged(source: Source, work: Path) -> str:
+    """A folder MindSpore reads as rank_X/*.ckpt: a full checkpoint becomes rank_0."""
+    if source.sharded:
+        return str(source.path.resolve())
+    rank0 = work / "full" / "rank_0"
+    rank0.mkdir(parents=True)
+    try:
+        os.symlink(source.ckpt.resolve(), rank0 / "model.ckpt")
+    except OSError:
+        shutil.copyfile(source.ckpt, rank0 / "model.ckpt")
+    return str(rank0.parent)
+
+
+def _run(src_dir: str, out: Path, src_file: str | None, dst_file: str | None) -> None:
+    import mindspore as ms
+
+    ms.transform_checkpoints(src_dir, str(out), PREFIX, src_file, dst_file)
+
+
+def _check_ranks(source: Source, src_file: str) -> None:
+    need = device_count(read_strategy(src_file))
+    have = shard_files(source.path)
+    missing = [r for r in range(need) if r not in have]
+    if missing:
+        raise ValueError(f"{source.path}: the strategy has {need} ranks but rank folders {missing[:8]} hold "
+                         "no .ckpt; copy every rank's checkpoint into <folder>/rank_X/")
+    if len(have) > need:
+        raise ValueError(f"{source.path}: {len(have)} rank folders but the source strategy covers {need} ranks; "
+                         "for a pipeline job pass the strategy of every stage (the folder of their files)")
+
+
+def _full_sums(source: Source, src_file: str | None, work: Path) -> dict[str, str]:
+    """Checksums of the full model a source represents (shards are merged first)."""
+    if not source.sharded:
+        return checksums(source.ckpt)
+    merged = work / "merged_src"
+    _run(str(source.path.resolve()), merged, src_file, None)
+    return checksums(merged / "rank_0" / f"{PREFIX}0.ckpt")
+
+
+def _copy_side_files(source: Source, out: Path) -> None:
+    for name in ("config.json", "tokenizer.model"):
+        if (source.path / name).is_file():
+            shutil.copyfile(source.path / name, out / name)
+
+
+def transform(src: str | os.PathLike, dst: str | os.PathLike, src_strategy: StrategyArg = None,
+              dst_strategy: StrategyArg = None, verify: bool = True, overwrite: bool = False,
+              progress: bool = True) -> dict:
+    """Split (full -> dst_strategy shards), merge (shards -> full model dir) or re-shard (A -> B).
+
+    `src_strategy`/`dst_strategy`: a strategy file, a folder of per-stage files, or layouts from
+    `cllama.strategy.param_layouts`. A sharded `src` defaults to its own strategy.ckpt.
+    With `verify`, the output is turned back the other way and compared by per-tensor checksums
+    before it is renamed into place. Returns a report (kind, ranks, tensors, fingerprint, seconds).
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    dst = Path(dst).resolve()
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst}: already exists; choose a new --dst or pass --overwrite")
+    source = find_source(src, src_strategy)
+    if not source.sharded and dst_strategy is None:
+        raise ValueError(f"{src}: already a full checkpoint; give --dst-strategy (or --dp/--mp/--pp) to split it")
+    kind = "split" if not source.sharded else ("merge" if dst_strategy is None else "reshard")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(dst)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f"{dst.name}.work-") as work_dir:
+        work = Path(work_dir)
+        src_file = _strategy_file(source.strategy, work, "src_strategy")
+        dst_file = _strategy_file(dst_strategy, work, "dst_strategy")
+        src_sums = None
+        if source.sharded:
+            _check_ranks(source, src_file)
+        else:  # a split: every tensor needs a layout that divides it
+            import mindspore as ms
+
+            params = ms.load_checkpoint(str(source.ckpt))
+            label = "destination layout" if isinstance(dst_strategy, Mapping) else str(dst_strategy)
+            check_strategy(read_strategy(dst_file), {n: tuple(p.shape) for n, p in params.items()}, label)
+            src_sums = tensor_checksums(params) if verify else None
+            del params
+        steps = tqdm(total=2 if verify else 1, desc=f"ckpt {kind}", disable=not progress)
+        try:
+            _run(_staged(source, work), tmp, src_file, dst_file)
+            steps.update(1)
+            if dst_file is None:
+                shutil.move(str(tmp / "rank_0" / f"{PREFIX}0.ckpt"), tmp / "model.ckpt")
+                shutil.rmtree(tmp / "rank_0")
+            else:
+                shutil.copyfile(dst_file, tmp / STRATEGY_FILE)
+            _copy_side_files(source, tmp)
+            report = {"kind": kind, "src": str(Path(src)), "dst": str(dst),
+                      "ranks": len(shard_files(tmp)) if dst_file else 1}
+            if verify:
+                report.update(_verify(source, tmp, src_file, dst_file, src_sums, work))
+                steps.update(1)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            steps.close()
+    install(tmp, dst)
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+def _verify(source: Source, out: Path, src_file: str | None, dst_file: str | None,
+            src_sums: dict | None, work: Path) -> dict:
+    """Turn the output back the other way and compare checksums with the input."""
+    if dst_file is not None:  # sharded output: merge it and compare with the full input
+        merged = work / "merged_dst"
+        _run(str(out), merged, dst_file, None)
+        got = checksums(merged / "rank_0" / f"{PREFIX}0.ckpt")
+        expected = src_sums if src_sums is not None else _full_sums(source, src_file, work)
+        _compare(expected, got, "the merged output")
+        return {"verified": True, "tensors": len(got), "fingerprint": fingerprint(got)}
+    # full output: split it again with the source layout and compare every rank's shards
+    sums = checksums(out / "model.ckpt")
+    if (out / "config.json").is_file():  # every parameter of the model must be there
+        import mindspore as ms
+
+        from cllama.config import ModelConfig
+        from cllama.checkpoint.names import check_names, param_shapes
+
+        shapes = {n: tuple(p.shape) for n, p in ms.load_checkpoint(str(out / "model.ckpt")).items()}
+        check_names(param_shapes(ModelConfig.load(out)), shapes, f"merged {source.path}")
+    resplit = work / "resplit"
+    _run(_staged(find_source(out), work / "stage_out"), resplit, None, src_file)
+    again, original = shard_files(resplit), shard_files(source.path)
+    if sorted(again) != sorted(original):
+        raise ValueError(f"verification failed: {source.path} has ranks {sorted(original)} but its strategy "
+                         f"gives {sorted(again)}; pass the strategy of every pipeline stage (their folder)")
+    for rank, path in original.items():
+        _compare(checksums(path), checksums(again[rank]), f"rank {rank}'s shards")
+    return {"verified": True, "tensors": len(sums), "fingerprint": fingerprint(sums)}
+
+
+def transform_rank(src: str | os.PathLike, rank: int, dst: str | os.PathLike,
+                   src_strategy: StrategyArg = None, dst_strategy: StrategyArg = None) -> Path:
+    """One destination rank's shard via `mindspore.transform_checkpoint_by_rank` (what a cluster
+    node runs for its own ranks): reads only the source ranks `rank_list_for_transform` names.
+    Writes `dst/rank_<rank>/checkpoint_<rank>.ckpt` atomically and returns it."""
+    import mindspore as ms
+
+    source = find_source(src, src_strategy)
+    out = Path(dst) / f"rank_{rank}" / f"{PREFIX}{rank}.ckpt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".work-") as work_dir:
+        work = Path(work_dir)
+        src_file = _strategy_file(source.strategy, work, "src_strategy")
+        dst_file = _strategy_file(dst_strategy, work, "dst_strategy")
+        files = {0: str(source.ckpt)} if not source.sharded else {r: str(p) for r, p in shard_files(source.path).items()}
+        needed = ms.rank_list_for_transform(rank, src_file, dst_file)
+        missing = [r for r in needed if r not in files]
+        if missing:
+            raise ValueError(f"{source.path}: rank {rank} needs source ranks {missing}, which are missing")
+        tmp = work / f"{PREFIX}{rank}.ckpt"
+        ms.transform_checkpoint_by_rank(rank, {r: files[r] for r in needed}, str(tmp), src_file, dst_file)
+        os.replace(tmp, out)
+    return out

@@ -1,0 +1,104 @@
+"""Training checkpoints: `<output>/checkpoints/step_<N>/` is a model directory (config.json,
+model.ckpt, tokenizer.model when known) plus `optimizer.ckpt` (adam_m.*, adam_v.*, global_step,
+scale_sense and the loss-scale counters: MindSpore/MindFormers names) and `trainer_state.json`. It is
+written under a temporary name and renamed when complete, so a kill never leaves a partial `step_<N>`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import mindspore as ms
+from mindspore import Tensor
+
+from cllama.checkpoint.model_dir import save_model_dir
+from cllama.fileio import install, read_json
+from cllama.model import CodeLlama
+from cllama.train.optim import AdamW
+from cllama.train.steps import TrainStep
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_CKPT = "optimizer.ckpt"
+
+
+def checkpoint_steps(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root` as (step, path), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        m = STEP_DIR.match(path.name)
+        if m and (path / TRAINER_STATE).is_file():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
+    """The newest complete `step_<N>` directory under `root`, or None."""
+    steps = checkpoint_steps(root)
+    return steps[-1][1] if steps else None
+
+
+def save_checkpoint(root: str | os.PathLike, model: CodeLlama, optimizer: AdamW, step_cell: TrainStep,
+                    state: dict, tokenizer: Optional[str | os.PathLike] = None, keep: int = 0) -> Path:
+    """Write `root/step_<state['step']>/` atomically (temp dir, then rename); keep the newest `keep`
+    checkpoints (0 keeps all). Returns the checkpoint (a model directory)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{state['step']}"
+    tmp = root / f".step_{state['step']}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_model_dir(model, tmp, tokenizer)
+    entries = [{"name": p.name, "data": p} for p in optimizer.state() + step_cell.state()]
+    ms.save_checkpoint(entries, str(tmp / OPTIMIZER_CKPT))
+    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+    _fsync_dir(tmp)
+    install(tmp, final)  # a resumed run saving a step again replaces it
+    if keep > 0:
+        for _, path in checkpoint_steps(root)[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def remove_partial_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Delete leftovers of interrupted saves (`.step_<N>.partial-*`); returns what was removed."""
+    root = Path(root)
+    removed = [p for p in root.glob(".step_*") if p.is_dir()] if root.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def load_checkpoint_state(path: str | os.PathLike, optimizer: AdamW, step_cell: TrainStep) -> dict:
+    """Load optimizer and loss-scale state from a checkpoint; returns its trainer_state. Model
+    weights are loaded separately (`cllama.weights.load_model_dir`)."""
+    path = Path(path)
+    ckpt = path / OPTIMIZER_CKPT
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: missing; {path} is not a training checkpoint (a model "
+                                "directory alone cannot be resumed: start a new run from it instead)")
+    saved = ms.load_checkpoint(str(ckpt))
+    wanted = optimizer.state() + step_cell.state()
+    missing = [p.name for p in wanted if p.name not in saved]
+    if missing:
+        raise ValueError(f"{ckpt}: optimizer state lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+                         "the checkpoint was written by a different model or optimizer config")
+    for p in wanted:
+        value = saved[p.name]
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"{ckpt}: {p.name} has shape {tuple(value.shape)}, expected {tuple(p.shape)}")
+        p.set_data(Tensor(value.asnumpy(), p.dtype))
+    return read_json(path / TRAINER_STATE, "trainer_state.json")

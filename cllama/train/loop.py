@@ -1,0 +1,290 @@
+"""Pretraining and full finetuning on MindSpore from a run YAML (cllama.train.runconfig).
+
+`train(run)` trains in this process: on one device, or as one worker that msrun started
+(cllama.train.launch starts them).
+Outputs under `run.output_dir`: `metrics.jsonl` (one record per step, flushed as it goes),
+`checkpoints/step_<N>/` (model directory + optimizer.ckpt + trainer_state.json) and
+`run_config.yaml` (the document the run used). Only rank 0 writes them.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from cllama.distributed.parallel import init_parallel
+from cllama.train.metrics import read_metrics
+from cllama.train.runconfig import RunConfig, save_run_config
+
+MetricsCallback = Callable[[list], None]
+
+
+@dataclass
+class TrainResult:
+    """What a finished run left behind (read back from its output directory)."""
+
+    output_dir: str
+    checkpoint: Optional[str]  # the newest step_<N>: a model directory
+    metrics: str
+    steps: int
+    final_loss: Optional[float]
+    loss_last10: Optional[float]
+    first_loss: Optional[float]
+    tokens_per_s: Optional[float]
+    val_loss: Optional[float] = None
+    val_perplexity: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def headline(self) -> dict:
+        """The figures a training stage reports in its results.json."""
+        return {"final_loss": self.final_loss, "loss_last10": self.loss_last10, "first_loss": self.first_loss,
+                "tokens_per_s": self.tokens_per_s, "steps": self.steps, "val_loss": self.val_loss,
+                "val_perplexity": self.val_perplexity}
+
+    def summary(self) -> str:
+        """One line: loss from first to last step, throughput, validation loss."""
+        return (f"loss {self.first_loss:.3f} -> {self.final_loss:.3f} (mean of last 10: {self.loss_last10:.3f}), "
+                f"{self.tokens_per_s or 0:,.0f} tokens/s" + (f", val loss {self.val_loss:.3f}" if self.val_loss else ""))
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+def open_dataset(paths: list[str], batch_size: int, shuffle: bool = True, seed: int = 0, repeat: int = 1):
+    """Batched training data, a mindspore.dataset yielding int32 (batch, seq_length+1) input_ids
+    (and labels for finetuning data): the one place that knows the reader."""
+    from cllama.data.mindrecord import load_dataset
+
+    return load_dataset(paths, batch_size, shuffle=shuffle, seed=seed, repeat=repeat)
+
+
+def rank_batches(dataset, rank: int, world: int, skip: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(input_ids, labels) for this rank: rows [rank*b, (rank+1)*b) of every global batch of b*world,
+    so N workers see exactly the batches one worker sees with an N-times larger batch. Pretraining
+    data (no labels column) gets labels = input_ids. The first `skip` global batches are passed over."""
+    if skip:
+        dataset = dataset.skip(skip)
+    for item in dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
+        ids = item["input_ids"]
+        b = ids.shape[0] // world
+        labels = item.get("labels", ids)
+        yield ids[rank * b:(rank + 1) * b], labels[rank * b:(rank + 1) * b]
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+def _device(run: RunConfig) -> str:
+    from cllama.runtime import detect_device, init_context
+
+    if run.device == "CPU":
+        return init_context("CPU", "graph", seed=run.seed)
+    found = detect_device()
+    want = found if run.device == "auto" else run.device
+    if want != found:
+        raise ValueError(f"{run.source}: context.device_target: {want} requested but this machine has "
+                         f"{found}; set device_target: {found} (or auto) to run here")
+    return init_context(want, "graph", seed=run.seed)
+
+
+def _build_model(run: RunConfig):
+    from cllama.checkpoint.model_dir import load_model_dir, random_model
+
+    if not run.load_checkpoint:
+        return random_model(run.model, seed=run.seed)
+    path = Path(run.load_checkpoint)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{run.source}: load_checkpoint: {path} is not a model directory (config.json "
+                                "+ model.ckpt); convert weights with `cllama convert hf2ms` first")
+    model = load_model_dir(path, seq_length=run.model.seq_length)
+    for key in ("hidden_size", "num_layers", "num_heads", "n_kv_heads", "vocab_size", "ffn_hidden_size"):
+        if getattr(model.config, key) != getattr(run.model, key):
+            raise ValueError(f"{run.source}: model.model_config.{key}={getattr(run.model, key)} but "
+                             f"{path}/config.json has {getattr(model.config, key)}; make them agree")
+    return model
+
+
+def _tokenizer_file(run: RunConfig) -> Optional[Path]:
+    if run.tokenizer:
+        if not Path(run.tokenizer).is_file():
+            raise FileNotFoundError(f"{run.source}: processor.tokenizer.vocab_file: {run.tokenizer} not found")
+        return Path(run.tokenizer)
+    if run.load_checkpoint and (Path(run.load_checkpoint) / "tokenizer.model").is_file():
+        return Path(run.load_checkpoint) / "tokenizer.model"
+    return None
+
+
+def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
+          on_metrics: Optional[MetricsCallback] = None, metrics_every: int = 10) -> Optional[TrainResult]:
+    """Train as the run config says. Resumes from the newest complete checkpoint when `resume`
+    (default: the YAML's resume_training) and one exists. `on_metrics(records)` is called with all
+    records so far every `metrics_every` steps and at the end (rank 0). Returns the TrainResult on
+    rank 0, None on other ranks."""
+    import mindspore as ms
+    from mindspore import Tensor
+    from tqdm.auto import tqdm
+
+    from cllama.train.checkpoints import (latest_checkpoint, load_checkpoint_state, remove_partial_checkpoints,
+                                          save_checkpoint)
+    from cllama.train.metrics import MetricsLog
+    from cllama.train.optim import build_lr_schedule, build_optimizer
+    from cllama.train.steps import AccumulateStep, EvalStep, TrainStep
+
+    if not run.train_data:
+        raise ValueError(f"{run.source}: train_dataset.data_loader.dataset_dir is empty; point it at a "
+                         "MindRecord file written by `cllama data ...`")
+    if run.load_checkpoint and not (Path(run.load_checkpoint) / "config.json").is_file():
+        raise FileNotFoundError(f"{run.source}: load_checkpoint: {run.load_checkpoint} is not a model directory "
+                                "(config.json + model.ckpt); convert weights with `cllama convert hf2ms` first")
+    device = _device(run)
+    env = init_parallel(run.parallel_config, run.parallel, run.model, device)  # no-op unless msrun started us
+    if env.world == 1 and run.use_parallel and run.parallel_config.device_num > 1:
+        raise ValueError(f"{run.source}: use_parallel with parallel_config for {run.parallel_config.device_num} "
+                         "devices, but this is a single process; launch it with msrun (see `cllama train --check`)")
+    out = Path(run.output_dir)
+    ckpt_root = out / "checkpoints"
+    resume = run.resume_training if resume is None else resume
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(ckpt_root)
+        save_run_config(run, out / "run_config.yaml")
+
+    model = _build_model(run)
+    model.set_train(True)
+    if run.recompute:
+        for layer in model.model.layers:
+            layer.recompute()
+    optimizer = build_optimizer(run.optimizer, model.trainable_params())
+    step_cell = TrainStep(model, optimizer, run.max_grad_norm, run.accumulate, run.loss_scale, env.world)
+    accumulate_cell = AccumulateStep(step_cell) if run.accumulate > 1 else None
+    tokenizer = _tokenizer_file(run)
+
+    global_batch = run.batch_size * env.world
+    per_epoch = open_dataset(run.train_data, global_batch, run.shuffle, run.seed).get_dataset_size()
+    if per_epoch < run.accumulate:
+        raise ValueError(f"{run.train_data[0]}: {per_epoch} batches of {global_batch} per epoch, fewer than "
+                         f"gradient_accumulation_steps={run.accumulate}; lower batch_size or add data")
+    total = run.max_steps if run.max_steps > 0 else run.epochs * per_epoch // run.accumulate
+    repeat = max(run.epochs, math.ceil(total * run.accumulate / per_epoch))
+    schedule = build_lr_schedule(run.lr_schedule, total, source=f"{run.source}: lr_schedule")
+
+    start, samples = 0, 0
+    latest = latest_checkpoint(ckpt_root) if resume else None
+    if latest is not None:
+        from cllama.checkpoint.model_dir import load_state_dict, read_checkpoint
+
+        load_state_dict(model, read_checkpoint(latest / "model.ckpt"), str(latest / "model.ckpt"))
+        state = load_checkpoint_state(latest, optimizer, step_cell)
+        start, samples = state["step"], state["samples_consumed"]
+        if samples % global_batch:
+            raise ValueError(f"{latest}: {samples} samples consumed is not a whole number of global batches "
+                             f"of {global_batch}; resume with the batch size and worker count it was saved with")
+    consumed = samples // global_batch  # global micro-batches
+    batches = rank_batches(open_dataset(run.train_data, global_batch, run.shuffle, run.seed, repeat),
+                           env.rank, env.world, skip=consumed)
+    evaluate = _evaluator(run, model, EvalStep) if (run.eval_data and env.is_main) else None
+    log = MetricsLog(out / "metrics.jsonl", after_step=start if latest is not None else None) if env.is_main else None
+    records = list(read_metrics(out / "metrics.jsonl")) if env.is_main else []
+    bar = tqdm(total=total, initial=start, disable=not (progress and env.is_main), desc="train", unit="step")
+    seq_checked, last_state = False, None
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        lr = schedule(step)
+        micro_losses = []
+        for _ in range(run.accumulate - 1):
+            ids, labels = next(batches)
+            micro_losses.append(accumulate_cell(Tensor(ids, ms.int32), Tensor(labels, ms.int32)))
+        ids, labels = next(batches)
+        if not seq_checked:
+            _check_length(run, ids, model.config.seq_length)
+            seq_checked = True
+        loss, norm, overflow, scale = step_cell(Tensor(ids, ms.int32), Tensor(labels, ms.int32),
+                                                Tensor(lr, ms.float32))
+        loss = float(np.mean([float(x.asnumpy()) for x in micro_losses] + [float(loss.asnumpy())]))
+        seconds = time.perf_counter() - t0
+        consumed += run.accumulate
+        tokens = global_batch * run.accumulate * (ids.shape[1] - 1)
+        record = {"step": step + 1, "epoch": consumed // per_epoch, "loss": loss, "lr": lr,
+                  "grad_norm": float(norm.asnumpy()), "tokens_per_s": tokens / seconds, "seconds": seconds,
+                  "tokens": tokens}
+        if step == start:
+            record["compile"] = True  # first step of this process: includes graph compilation
+        if run.loss_scale is not None:
+            record.update(loss_scale=float(scale.asnumpy()), overflow=bool(overflow.asnumpy()))
+        last = step + 1 == total
+        if evaluate is not None and ((step + 1) % run.eval_interval == 0 or last):
+            record["val_loss"] = evaluate()
+            record["val_perplexity"] = math.exp(min(record["val_loss"], 80.0))
+        last_state = {"step": step + 1, "epoch": consumed // per_epoch, "samples_consumed": consumed * global_batch,
+                      "seed": run.seed, "lr": lr, "next_lr": schedule(step + 1), "loss": loss,
+                      "loss_scale": float(scale.asnumpy()), "total_steps": total, "global_batch_size": global_batch,
+                      "gradient_accumulation_steps": run.accumulate, "world": env.world,
+                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if env.is_main:
+            log.write(record)
+            records.append(record)
+            if run.save_steps and ((step + 1) % run.save_steps == 0) or last:
+                save_checkpoint(ckpt_root, model, optimizer, step_cell, last_state, tokenizer, run.keep_checkpoints)
+            if on_metrics is not None and ((step + 1) % metrics_every == 0 or last):
+                on_metrics(records)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        bar.update(1)
+    bar.close()
+    if not env.is_main:
+        return None
+    log.close()
+    if start >= total and on_metrics is not None:
+        on_metrics(records)
+    return summarize(out)
+
+
+def _check_length(run: RunConfig, ids: np.ndarray, seq_length: int) -> None:
+    if ids.shape[1] - 1 > seq_length:
+        raise ValueError(f"{run.train_data[0]}: samples hold {ids.shape[1]} tokens (seq_length+1) but "
+                         f"model.model_config.seq_length is {seq_length}; raise seq_length to {ids.shape[1] - 1}")
+
+
+def _evaluator(run: RunConfig, model, eval_cell_type) -> Callable[[], float]:
+    """Mean loss over the validation set (first eval_batches batches when set), no shuffling."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    cell = eval_cell_type(model)
+    batch = min(run.batch_size, open_dataset(run.eval_data, 1, False).get_dataset_size())
+
+    def evaluate() -> float:
+        model.set_train(False)
+        losses = []
+        for i, (ids, labels) in enumerate(rank_batches(open_dataset(run.eval_data, batch, False), 0, 1)):
+            if run.eval_batches and i >= run.eval_batches:
+                break
+            losses.append(float(cell(Tensor(ids, ms.int32), Tensor(labels, ms.int32)).asnumpy()))
+        model.set_train(True)
+        return float(np.mean(losses))
+
+    return evaluate
+
+
+# ---- results ----------------------------------------------------------------------------------------------
+def summarize(output_dir: str | os.PathLike) -> TrainResult:
+    """Final loss, tokens/s (steps that did not compile), validation figures and the newest
+    checkpoint of a run directory."""
+    from cllama.train.checkpoints import latest_checkpoint
+
+    out = Path(output_dir)
+    records = read_metrics(out / "metrics.jsonl")
+    if not records:
+        raise FileNotFoundError(f"{out}/metrics.jsonl: no training records; did the run start?")
+    timed = [r for r in records if not r.get("compile")]
+    tokens_per_s = (sum(r["tokens"] for r in timed) / sum(r["seconds"] for r in timed)) if timed else None
+    evals = [r for r in records if "val_loss" in r]
+    latest = latest_checkpoint(out / "checkpoints")
+    return TrainResult(
+        output_dir=str(out), checkpoint=str(latest) if latest else None, metrics=str(out / "metrics.jsonl"),
+        steps=records[-1]["step"], final_loss=records[-1]["loss"], first_loss=records[0]["loss"],
+        loss_last10=float(np.mean([r["loss"] for r in records[-10:]])), tokens_per_s=tokens_per_s,
+        val_loss=evals[-1]["val_loss"] if evals else None,
+        val_perplexity=evals[-1]["val_perplexity"] if evals else None)

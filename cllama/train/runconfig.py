@@ -1,0 +1,264 @@
+"""Run configs: MindFormers-shaped run YAMLs (configs/) read, overridden by dotted keys, checked.
+
+Sections used: seed, output_dir, load_checkpoint, resume_training, run_mode, runner_config
+(epochs, batch_size, gradient_accumulation_steps, max_steps), optimizer, lr_schedule,
+train_dataset / eval_dataset (data_loader.dataset_dir), do_eval, eval_step_interval, use_parallel,
+parallel, parallel_config, recompute_config, callbacks (CheckpointMointor), context
+(device_target), model.model_config, processor.tokenizer.vocab_file, runner_wrapper (use_clip_grad,
+max_grad_norm, scale_sense). Other MindFormers keys of the model card's YAML are accepted and ignored.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from cllama.config import ModelConfig
+from cllama.distributed.parallel import ParallelConfig, auto_parallel_settings
+from cllama.fileio import atomic_write
+from cllama.runtime import REPO_ROOT
+
+TOP_LEVEL_KEYS = {
+    # used
+    "seed", "output_dir", "load_checkpoint", "resume_training", "run_mode", "runner_config", "optimizer",
+    "lr_schedule", "train_dataset", "eval_dataset", "do_eval", "eval_step_interval", "use_parallel",
+    "parallel", "parallel_config", "micro_batch_interleave_num", "recompute_config", "callbacks", "context",
+    "model", "processor", "runner_wrapper",
+    # MindFormers keys read and ignored (they configure MindFormers' own machinery)
+    "src_strategy_path_or_dir", "auto_trans_ckpt", "only_save_strategy", "trainer", "train_dataset_task",
+    "eval_dataset_task", "metric", "eval_callbacks", "auto_tune", "filepath_prefix", "autotune_per_step",
+    "profile", "profile_start_step", "profile_stop_step", "init_start_profile", "profile_communication",
+    "profile_memory", "layer_scale", "layer_decay", "lr_scale_factor", "remote_save_url", "eval_epoch_interval",
+}
+RUN_MODES = ("train", "finetune")
+CALLBACK_TYPES = ("MFLossMonitor", "CheckpointMointor", "CheckpointMonitor", "ObsMonitor", "SummaryMonitor")
+
+
+@dataclass
+class RunConfig:
+    """A run YAML, parsed and checked. `doc` is the document itself (saved beside the run)."""
+
+    doc: dict
+    source: str
+    model: ModelConfig
+    seed: int = 0
+    output_dir: str = "./output"
+    load_checkpoint: str = ""
+    run_mode: str = "train"
+    resume_training: bool = False
+    epochs: int = 1
+    batch_size: int = 1
+    accumulate: int = 1
+    max_steps: int = -1
+    optimizer: dict = field(default_factory=dict)
+    lr_schedule: dict = field(default_factory=dict)
+    train_data: list = field(default_factory=list)
+    shuffle: bool = True
+    eval_data: list = field(default_factory=list)
+    eval_interval: int = 0
+    eval_batches: int = 0
+    use_parallel: bool = False
+    parallel: dict = field(default_factory=dict)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    device: str = "CPU"
+    recompute: bool = False
+    max_grad_norm: Optional[float] = 1.0
+    loss_scale: Optional[dict] = None
+    save_steps: int = 0
+    keep_checkpoints: int = 5
+    tokenizer: str = ""
+
+    def parallel_settings(self, device: str = "Ascend", device_num: Optional[int] = None) -> dict:
+        """`set_auto_parallel_context` arguments for this run on `device_num` devices (default the
+        parallel_config's dp*mp*pp), validated against the model."""
+        n = device_num or self.parallel_config.device_num
+        return auto_parallel_settings(self.parallel_config, self.parallel, n, device, self.model)
+
+
+# ---- YAML --------------------------------------------------------------------------------------------
+def set_key(doc: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested YAML document; in a list, a segment is an index or an item's `type`
+    (e.g. `callbacks.CheckpointMointor.save_checkpoint_steps`)."""
+    parts = dotted.split(".")
+    node: Any = doc
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            matches = [item for item in node if isinstance(item, dict) and item.get("type") == part]
+            if part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif matches:
+                node = matches[0]
+            else:
+                node.append({"type": part})
+                node = node[-1]
+        else:
+            if not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str] | None, form: str = "KEY=VALUE", example: str = "seq_length=1024") -> dict:
+    """Command-line `--set` pairs -> {key: value}; a value is read as JSON (numbers, true, lists),
+    else kept as text."""
+    import json
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: write {form}, e.g. --set {example}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def find_config(path: str | os.PathLike) -> Path:
+    """`path` as given, else relative to the repository root (so `configs/tiny/pretrain.yaml` works
+    from notebooks/ too)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    beside = REPO_ROOT / path
+    if not path.is_absolute() and beside.is_file():
+        return beside
+    raise FileNotFoundError(f"{path}: run config not found (see configs/tiny/pretrain.yaml)")
+
+
+def load_run_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
+    """Read a run YAML (MindFormers layout), apply dotted-key overrides, check every section."""
+    import yaml
+
+    path = find_config(path)
+    doc = yaml.safe_load(path.read_text())
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: not a YAML mapping of run settings")
+    for key, value in (overrides or {}).items():
+        set_key(doc, key, value)
+    return parse_run_config(doc, str(path))
+
+
+def parse_run_config(doc: dict, source: str = "run config") -> RunConfig:
+    """Check and flatten a run document (see load_run_config)."""
+    def bad(where: str, why: str) -> ValueError:
+        return ValueError(f"{source}: {where}: {why}")
+
+    unknown = sorted(set(doc) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise bad(str(unknown), f"unknown top-level keys; valid keys are {sorted(TOP_LEVEL_KEYS)}")
+    try:
+        block = doc["model"]["model_config"]
+    except (KeyError, TypeError):
+        raise bad("model.model_config", "missing; copy the block from configs/tiny/pretrain.yaml") from None
+    model = ModelConfig.from_dict(block, source=f"{source}: model.model_config")
+    runner = doc.get("runner_config") or {}
+    run = RunConfig(doc=doc, source=source, model=model)
+    run.seed = _int(doc.get("seed", 0), "seed", bad, 0)
+    run.output_dir = str(doc.get("output_dir") or "./output")
+    run.load_checkpoint = str(doc.get("load_checkpoint") or "")
+    run.resume_training = bool(doc.get("resume_training", False))
+    run.run_mode = doc.get("run_mode", "train")
+    if run.run_mode not in RUN_MODES:
+        raise bad("run_mode", f"{run.run_mode!r}; use one of {list(RUN_MODES)}")
+    run.epochs = _int(runner.get("epochs", 1), "runner_config.epochs", bad, 1)
+    run.batch_size = _int(runner.get("batch_size", 1), "runner_config.batch_size", bad, 1)
+    run.accumulate = _int(runner.get("gradient_accumulation_steps", 1),
+                          "runner_config.gradient_accumulation_steps", bad, 1)
+    run.max_steps = _int(runner.get("max_steps", -1), "runner_config.max_steps", bad, -1)
+    run.optimizer = dict(doc.get("optimizer") or {"type": "FP32StateAdamWeightDecay"})
+    run.lr_schedule = dict(doc.get("lr_schedule") or {})
+    if not run.lr_schedule:
+        run.lr_schedule = {"type": "CosineWithWarmUpLR", "learning_rate": run.optimizer.get("learning_rate", 1e-5)}
+    run.optimizer.pop("learning_rate", None)  # the schedule sets the rate, as in MindFormers
+    loader = ((doc.get("train_dataset") or {}).get("data_loader") or {})
+    run.train_data = _paths(loader.get("dataset_dir"))
+    run.shuffle = bool(loader.get("shuffle", True))
+    eval_block = doc.get("eval_dataset") or {}
+    run.eval_data = _paths((eval_block.get("data_loader") or {}).get("dataset_dir"))
+    run.eval_batches = _int(eval_block.get("max_batches", 0), "eval_dataset.max_batches", bad, 0)
+    run.eval_interval = _int(doc.get("eval_step_interval", 0) or 0, "eval_step_interval", bad, 0)
+    if doc.get("do_eval") and run.eval_data and run.eval_interval == 0:
+        run.eval_interval = 100
+    if not doc.get("do_eval", bool(run.eval_data)):
+        run.eval_data = []
+    run.use_parallel = bool(doc.get("use_parallel", False))
+    run.parallel = dict(doc.get("parallel") or {})
+    pc = dict(doc.get("parallel_config") or {})
+    if "micro_batch_interleave_num" in doc:
+        pc.setdefault("micro_batch_interleave_num", doc["micro_batch_interleave_num"])
+    run.parallel_config = ParallelConfig.from_dict(pc, source=f"{source}: parallel_config")
+    auto_parallel_settings(run.parallel_config, run.parallel, 1)  # checks the parallel block's keys
+    context = doc.get("context") or {}
+    run.device = str(context.get("device_target", "CPU"))
+    if run.device not in ("CPU", "Ascend", "GPU", "auto"):
+        raise bad("context.device_target", f"{run.device!r}; use CPU, Ascend, GPU or auto")
+    run.recompute = bool((doc.get("recompute_config") or {}).get("recompute", False))
+    wrapper = doc.get("runner_wrapper") or {}
+    run.max_grad_norm = float(wrapper.get("max_grad_norm", 1.0)) if wrapper.get("use_clip_grad", True) else None
+    run.loss_scale = _loss_scale(wrapper.get("scale_sense"), bad)
+    for cb in doc.get("callbacks") or []:
+        kind = cb.get("type") if isinstance(cb, dict) else None
+        if kind not in CALLBACK_TYPES:
+            raise bad("callbacks", f"type {kind!r} is not one of {list(CALLBACK_TYPES)}")
+        if kind in ("CheckpointMointor", "CheckpointMonitor"):
+            run.save_steps = _int(cb.get("save_checkpoint_steps", 0), "CheckpointMointor.save_checkpoint_steps", bad, 0)
+            run.keep_checkpoints = _int(cb.get("keep_checkpoint_max", 5), "CheckpointMointor.keep_checkpoint_max", bad, 0)
+    tokenizer = ((doc.get("processor") or {}).get("tokenizer") or {}).get("vocab_file")
+    run.tokenizer = str(tokenizer or "")
+    from cllama.train.optim import build_lr_schedule, optimizer_settings
+
+    optimizer_settings(run.optimizer, source=f"{source}: optimizer")
+    build_lr_schedule(run.lr_schedule, 1000, source=f"{source}: lr_schedule")  # checks the block
+    return run
+
+
+def _int(value: Any, where: str, bad: Callable, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < minimum:
+        raise bad(where, f"must be an integer >= {minimum} (got {value!r})")
+    return int(value)
+
+
+def _paths(value: Any) -> list[str]:
+    if not value:
+        return []
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+def _loss_scale(value: Any, bad: Callable) -> Optional[dict]:
+    """runner_wrapper.scale_sense: a DynamicLossScaleUpdateCell block, or None for no loss scaling."""
+    if value is None or value is False:
+        return None
+    if not isinstance(value, dict) or value.get("type") != "DynamicLossScaleUpdateCell":
+        raise bad("runner_wrapper.scale_sense", "use {type: DynamicLossScaleUpdateCell, loss_scale_value, "
+                                                "scale_factor, scale_window}, or omit it (no loss scaling)")
+    return {k: float(value.get(k, d)) for k, d in
+            (("loss_scale_value", 65536), ("scale_factor", 2), ("scale_window", 1000))}
+
+
+def run_from_params(config: str | os.PathLike, output_dir: str | os.PathLike, data: str, val_data: str = "",
+                    steps: int = 0, batch_size: int = 8, learning_rate: float = 1e-3, eval_every: int = 50,
+                    save_steps: int = 100, seed: int = 0, tokenizer: str | os.PathLike = "",
+                    load_checkpoint: str | os.PathLike = "", overrides: Optional[dict] = None) -> RunConfig:
+    """A run YAML with the training notebooks' parameters set under their MindFormers keys (steps 0:
+    the YAML's epochs; empty tokenizer / load_checkpoint: the YAML's), then `overrides` (dotted keys)."""
+    keys: dict[str, Any] = {
+        "output_dir": str(output_dir), "seed": seed, "train_dataset.data_loader.dataset_dir": str(data),
+        "runner_config.batch_size": batch_size, "runner_config.max_steps": steps or -1,
+        "lr_schedule.learning_rate": learning_rate, "eval_step_interval": eval_every,
+        "eval_dataset.data_loader.dataset_dir": str(val_data or ""), "do_eval": bool(val_data),
+        "callbacks.CheckpointMointor.save_checkpoint_steps": save_steps}
+    if tokenizer:
+        keys["processor.tokenizer.vocab_file"] = str(tokenizer)
+    if load_checkpoint:
+        keys["load_checkpoint"] = str(load_checkpoint)
+    return load_run_config(config, {**keys, **(overrides or {})})
+
+
+def save_run_config(run: RunConfig, path: str | os.PathLike) -> Path:
+    """Write the run document as YAML (atomically); load_run_config reads it back."""
+    import yaml
+
+    return atomic_write(path, yaml.safe_dump(run.doc, sort_keys=False))

@@ -1,0 +1,129 @@
+"""The run ledger `<runs_dir>/index.csv`: one row per `cllama run` (name, start, duration, status,
+key parameters and metrics), and reading runs back for comparison (notebooks/09_compare_runs)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+LEDGER_FIELDS = ["run_id", "name", "status", "start", "duration_s", "failed_stage", "stages", "final_loss",
+                 "val_loss", "pass@1", "train_tokens_per_s", "generate_tokens_per_s", "params", "metrics",
+                 "run_dir"]
+TRAIN_STAGES = ("pretrain", "finetune")
+
+
+def key_metrics(stage_results: list[dict]) -> dict[str, Any]:
+    """Headline figures of a run from its stages' results.json: the last training stage's loss and
+    tokens/s, pass@1, generation speed."""
+    out: dict[str, Any] = {}
+    for results in stage_results:
+        kind, metrics = results.get("stage"), results.get("metrics") or {}
+        if kind in TRAIN_STAGES:
+            out.update(final_loss=metrics.get("final_loss"), val_loss=metrics.get("val_loss"),
+                       train_tokens_per_s=metrics.get("tokens_per_s"))
+        elif kind == "evaluate_humaneval":
+            out["pass@1"] = metrics.get("pass@1")
+        elif kind == "generate":
+            out["generate_tokens_per_s"] = metrics.get("tokens_per_s")
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items() if v is not None}
+
+
+def update_ledger(runs_dir: str | os.PathLike, row: Mapping[str, Any]) -> Path:
+    """Insert or replace (by run_id) one row of <runs_dir>/index.csv, rewriting it atomically under a lock."""
+    import fcntl
+
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path = runs_dir / "index.csv"
+    with open(runs_dir / ".index.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = read_ledger_rows(path)
+        ids = [r.get("run_id") for r in rows]
+        if row["run_id"] in ids:  # a finished run updates the row it wrote when it started
+            rows[ids.index(row["run_id"])] = dict(row)
+        else:
+            rows.append(dict(row))
+        fields = LEDGER_FIELDS + sorted({k for r in rows for k in r} - set(LEDGER_FIELDS))
+        tmp = path.with_name("index.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    return path
+
+
+def read_ledger_rows(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "index.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_ledger(runs_dir: str | os.PathLike = "papermill_runs"):
+    """The run ledger as a pandas DataFrame (one row per run, oldest first)."""
+    import pandas as pd
+
+    rows = read_ledger_rows(runs_dir)
+    frame = pd.DataFrame(rows, columns=LEDGER_FIELDS if not rows else None)
+    for column in ("duration_s", "final_loss", "val_loss", "pass@1", "train_tokens_per_s", "generate_tokens_per_s"):
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame
+
+
+def stage_results(run_dir: str | os.PathLike) -> dict[str, dict]:
+    """results.json of each finished stage of a run folder (also mid-run): {stage name: results}."""
+    out = {}
+    for path in sorted(Path(run_dir).glob("[0-9][0-9]_*/results.json")):
+        out[path.parent.name.split("_", 1)[1]] = json.loads(path.read_text())
+    return out
+
+
+def loss_records(run_dir: str | os.PathLike) -> dict[str, list[dict]]:
+    """Per-step training records of every training stage of a run: {stage name: metrics.jsonl records}."""
+    from cllama.train.metrics import read_metrics
+
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    return {name: read_metrics(results["artifacts"]["metrics"]) for name, results in stage_results(run_dir).items()
+            if results.get("stage") in TRAIN_STAGES and results.get("artifacts", {}).get("metrics")}
+
+
+def loss_curves(chosen) -> dict[str, list[dict]]:
+    """{"<run id> / <stage>": metrics records} of every training stage of the chosen ledger rows."""
+    return {f"{row['run_id']} / {stage}": records for row in chosen.to_dict("records")
+            for stage, records in loss_records(row["run_dir"]).items()}
+
+
+def metrics_table(chosen):
+    """Every stage metric (rows) of the chosen ledger rows (columns, by run id), as a DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame({row["run_id"]: json.loads(row["metrics"] or "{}") for row in chosen.to_dict("records")})
+
+
+def select_runs(runs_dir: str | os.PathLike, runs: list[str] | None = None, last: int = 5,
+                status: Optional[str] = "ok"):
+    """Ledger rows of the chosen runs: by run id (or unique prefix/name) when given, else the `last`
+    newest runs with `status` (None: any)."""
+    frame = read_ledger(runs_dir)
+    if runs:
+        picked = []
+        for key in runs:
+            hits = frame[(frame["run_id"] == key) | frame["run_id"].str.startswith(key) | (frame["name"] == key)]
+            if hits.empty:
+                raise ValueError(f"{Path(runs_dir) / 'index.csv'}: no run matches {key!r}; runs: "
+                                 f"{list(frame['run_id'])[-10:]}")
+            picked.append(hits.iloc[[-1]])
+        import pandas as pd
+
+        return pd.concat(picked).drop_duplicates("run_id")
+    if status:
+        frame = frame[frame["status"] == status]
+    return frame.tail(last)
