@@ -58,8 +58,8 @@ def build(preset: str, seed: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cllama.config import ModelConfig
     from cllama.checkpoint.model_dir import ms_to_hf_name, random_model, state_dict
+    from cllama.config import ModelConfig
 
     config = ModelConfig.from_name(preset)
     model = random_model(config, seed=seed)
@@ -85,8 +85,8 @@ def main() -> None:
     import torch
     from mindspore import Tensor
 
-    from cllama.generation.generator import Generator
     from cllama.checkpoint.names import param_shapes
+    from cllama.generation.generator import Generator
 
     torch.set_num_threads(args.threads)
     print(f"threads: torch {torch.get_num_threads()}, cpu_count {os.cpu_count()}, "
@@ -131,7 +131,7 @@ def main() -> None:
 
     compile_s = {}
     for b in (1, 8):  # warm-up: compiles cllama's graphs, warms torch
-        compile_s[b] = _timed(lambda: gen.generate(prompts[b].tolist(), max_new_tokens=new, ignore_eos=True))
+        compile_s[b] = _timed(lambda b=b: gen.generate(prompts[b].tolist(), max_new_tokens=new, ignore_eos=True))
         hf_generate(b)
     print(f"cllama first call (compile + run): batch 1 {compile_s[1]:.1f} s, batch 8 {compile_s[8]:.1f} s")
 

@@ -52,9 +52,9 @@ class Cllama:
         import mindspore as ms
         from mindspore import Tensor
 
+        from cllama.checkpoint.model_dir import random_model
         from cllama.train.optim import build_optimizer
         from cllama.train.steps import TrainStep
-        from cllama.checkpoint.model_dir import random_model
 
         model = random_model(config, seed=0)
         model.set_train(True)

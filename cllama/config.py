@@ -147,7 +147,7 @@ class ModelConfig:
 
     # ---- dict / JSON -----------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "ModelConfig":
+    def from_dict(cls, values: dict, source: str = "config") -> ModelConfig:
         """Build from MindFormers keys. `type` is ignored; unknown keys are an error."""
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs: dict[str, Any] = {}
@@ -184,7 +184,7 @@ class ModelConfig:
         return write_json(path / "config.json" if path.is_dir() else path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ModelConfig":
+    def load(cls, path: str | os.PathLike) -> ModelConfig:
         """Read cllama's JSON (a file or a model directory). Hugging Face configs are refused."""
         path = Path(path)
         if path.is_dir():
@@ -198,7 +198,7 @@ class ModelConfig:
 
     # ---- MindFormers YAML --------------------------------------------------------------------
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "ModelConfig":
+    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> ModelConfig:
         """Load the `model: model_config:` block of a MindFormers run YAML."""
         import yaml
 
@@ -213,7 +213,7 @@ class ModelConfig:
 
     # ---- Hugging Face config.json ------------------------------------------------------------
     @classmethod
-    def from_hf(cls, hf: dict | str | os.PathLike, **overrides: Any) -> "ModelConfig":
+    def from_hf(cls, hf: dict | str | os.PathLike, **overrides: Any) -> ModelConfig:
         """Read a Hugging Face Llama config (a dict, a config.json path, or its folder)."""
         source = "Hugging Face config"
         if not isinstance(hf, dict):
@@ -294,7 +294,7 @@ class ModelConfig:
 
     # ---- presets --------------------------------------------------------------------------
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
         """A named preset (see PRESETS), with keyword overrides."""
         if name not in PRESETS:
             raise ValueError(f"ModelConfig.from_name: unknown preset {name!r}; "

@@ -42,7 +42,8 @@ def model_dtypes(config: ModelConfig, compute_dtype=None) -> Dtypes:
     wanted = (config.compute_dtype, config.layernorm_compute_type, config.softmax_compute_type)
     if cpu and any(d != "float32" for d in wanted):
         _log_once(f"CPU: computing in float32 (compute_dtype={config.compute_dtype}, layernorm_compute_type="
-                  f"{config.layernorm_compute_type}, softmax_compute_type={config.softmax_compute_type} are for Ascend)")
+                  f"{config.layernorm_compute_type}, softmax_compute_type={config.softmax_compute_type} "
+                  "are for Ascend)")
     compute, norm, softmax = (ms.float32 if cpu else DTYPE[d] for d in wanted)
     return Dtypes(DTYPE[config.param_init_type], compute_dtype or compute, norm, softmax)
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import sentencepiece as spm
 

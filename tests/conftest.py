@@ -28,7 +28,7 @@ def make_hf_llama(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**{**TINY_HF, **overrides}))
     with torch.no_grad():  # norms away from 1 so a mis-mapped norm weight shows up
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)
     return model.eval()
@@ -41,9 +41,9 @@ def hf_llama():
 
 @pytest.fixture(scope="session")
 def ms_llama(hf_llama):
+    from cllama.checkpoint.model_dir import load_hf_weights
     from cllama.config import ModelConfig
     from cllama.model import CodeLlama
-    from cllama.checkpoint.model_dir import load_hf_weights
 
     model = CodeLlama(ModelConfig.from_hf(hf_llama.config.to_dict()))
     load_hf_weights(model, hf_llama.state_dict())

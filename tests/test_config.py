@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from cllama.config import PRESETS, ModelConfig
 from cllama.checkpoint.names import param_shapes
+from cllama.config import PRESETS, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

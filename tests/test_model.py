@@ -1,12 +1,12 @@
+import mindspore as ms
 import numpy as np
 import torch
 from mindspore import Tensor
-import mindspore as ms
 
-from cllama.config import ModelConfig
-from cllama.checkpoint.names import param_shapes
-from cllama.model import CodeLlama
 from cllama.checkpoint.model_dir import load_hf_weights, random_model
+from cllama.checkpoint.names import param_shapes
+from cllama.config import ModelConfig
+from cllama.model import CodeLlama
 from tests.conftest import make_hf_llama
 
 

@@ -11,8 +11,8 @@ read one tensor at a time; `CkptWriter` writes exactly the bytes `save_checkpoin
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -149,7 +149,7 @@ class CkptFile:
             if entry["ms_type"] in _MS_ITEMSIZE and need != got:
                 raise self._bad(f"tensor {name!r} of shape {entry['shape']} has {got} bytes, needs {need}")
 
-    def _parse_value(self, w: "_Window", i: int, end: int):
+    def _parse_value(self, w: _Window, i: int, end: int):
         start, name, tensor = i, None, None
         while i < end:
             key, i = w.varint(i)
@@ -168,7 +168,7 @@ class CkptFile:
         shape, ms_type, content = tensor
         return name, tuple(shape) if shape != [0] else (), ms_type, content  # [0]: a scalar
 
-    def _parse_tensor(self, w: "_Window", i: int, end: int):
+    def _parse_tensor(self, w: _Window, i: int, end: int):
         shape, ms_type, content = [], None, None
         while i < end:
             key, i = w.varint(i)

@@ -12,8 +12,8 @@ import re
 import time
 import warnings
 import zlib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 

@@ -6,8 +6,9 @@ checkpoint, MindFormers names, model parameters only) and optionally `tokenizer.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import mindspore as ms
 import numpy as np

@@ -8,7 +8,7 @@ MindFormers: `model.tok_embeddings.embedding_weight`, `model.layers.N.attention.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from cllama.config import ModelConfig
 
@@ -28,8 +28,8 @@ HF_NAMES = [
     (r"lm_head\.weight", "lm_head.weight"),
 ]
 _HF_TO_MS = [(re.compile(f"^{hf}$"), ms) for hf, ms in HF_NAMES]
-_MS_TO_HF = [(re.compile("^" + re.escape(ms).replace(r"\{\}", r"(\d+)") + "$"), hf.replace(r"(\d+)", "{}").replace("\\", ""))
-             for hf, ms in HF_NAMES]
+_MS_TO_HF = [(re.compile("^" + re.escape(ms).replace(r"\{\}", r"(\d+)") + "$"),
+              hf.replace(r"(\d+)", "{}").replace("\\", "")) for hf, ms in HF_NAMES]
 # Buffers of a Hugging Face folder that are not weights (the rotary cache of older exports).
 HF_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 

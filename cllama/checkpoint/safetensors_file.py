@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
 

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from cllama import __version__
-from cllama.cli.common import command, parse_set, print_json
+from cllama.cli.common import command, print_json
 from cllama.runtime import quiet_mindspore_logs
 
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)

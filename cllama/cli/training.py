@@ -44,10 +44,12 @@ def add_model(sub) -> None:
     from cllama.config import PRESETS
 
     tok = sub.add_parser("tokenizer", help="tokenizer utilities").add_subparsers(dest="action", required=True)
-    ext = command(tok, "extend", _tokenizer_extend, "Llama 2 tokenizer (32000) -> Code Llama-style (32016, infill pieces)")
+    ext = command(tok, "extend", _tokenizer_extend,
+                  "Llama 2 tokenizer (32000) -> Code Llama-style (32016, infill pieces)")
     ext.add_argument("--src", help="32000-piece SentencePiece model (default: the bundled Llama 2 one)")
     ext.add_argument("--dst", required=True, help="where to write the 32016-piece model")
-    cmds = sub.add_parser("model", help="model presets and model directories").add_subparsers(dest="action", required=True)
+    cmds = sub.add_parser("model", help="model presets and model directories") \
+        .add_subparsers(dest="action", required=True)
     init = command(cmds, "init", _model_init, "write a model directory with random weights")
     init.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     init.add_argument("--out", required=True, help="model directory to create")
@@ -63,7 +65,8 @@ def add_model(sub) -> None:
 # ---- convert, ckpt ------------------------------------------------------------------------------
 CONVERSIONS = {"hf2ms": ("hf", "Hugging Face Llama folder -> model directory (MindSpore .ckpt)", "HF_DIR", "MODEL_DIR"),
                "ms2hf": ("ms", "model directory -> Hugging Face folder (safetensors)", "MODEL_DIR", "HF_DIR"),
-               "meta2ms": ("meta", "Meta consolidated.NN.pth + params.json -> model directory", "META_DIR", "MODEL_DIR")}
+               "meta2ms": ("meta", "Meta consolidated.NN.pth + params.json -> model directory", "META_DIR",
+                           "MODEL_DIR")}
 
 
 def _convert(args) -> int:
@@ -214,7 +217,8 @@ def add_data(sub) -> None:
         q.add_argument("--workers", type=int, help="tokenizer processes (default: all cores)")
         q.add_argument("--quiet", action="store_true", help="no progress bar")
     cmds.choices["qa"].add_argument("--template", default="vicuna", choices=TEMPLATES,
-                                    help="vicuna: Vicuna v1.1 (MindFormers' default); inst: Code Llama - Instruct [INST]")
+                                    help="vicuna: Vicuna v1.1 (MindFormers' default); "
+                                         "inst: Code Llama - Instruct [INST]")
     code = cmds.choices["code"]
     code.add_argument("--glob", default="**/*.py", help="file pattern under each folder (default '**/*.py')")
     code.add_argument("--max-files", type=int, help="use only the first N files (sorted by path)")
@@ -272,7 +276,8 @@ def add_train(sub) -> None:
     p.add_argument("--print-msrun", action="store_true", help="print one msrun command line per node and exit")
     p.add_argument("--devices-per-node", type=int, default=8, help="for --check/--print-msrun (default 8)")
     p.add_argument("--master-addr", default="127.0.0.1", help="node 0's IP, for --check/--print-msrun")
-    p.add_argument("--rank-table", help="HCCL rank table for msrun --rank_table_file (Ascend), for --check/--print-msrun")
+    p.add_argument("--rank-table",
+                   help="HCCL rank table for msrun --rank_table_file (Ascend), for --check/--print-msrun")
     cmds = sub.add_parser("ranktable", help="HCCL rank tables for Ascend clusters").add_subparsers(dest="action",
                                                                                                    required=True)
     make = command(cmds, "make", _ranktable, "rank table of this server's NPUs")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -73,7 +73,8 @@ def alpaca_to_conversations(records: Sequence[dict], source: str = "alpaca") -> 
 
 def conversation_turns(record: dict, index: int, source: str) -> Turns:
     """[(question, answer), ...] of one conversation record; human/gpt turns must alternate."""
-    where = f"{source}: record {index}" + (f" (id {record['id']})" if isinstance(record, dict) and "id" in record else "")
+    named = isinstance(record, dict) and "id" in record
+    where = f"{source}: record {index}" + (f" (id {record['id']})" if named else "")
     if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
         raise ValueError(f"{where}: needs a 'conversations' list of {{'from', 'value'}} turns "
                          "(convert Alpaca data with `cllama data alpaca`)")
@@ -113,7 +114,8 @@ def qa_tokens(tok: Tokenizer, turns: Turns, template: str = "vicuna") -> tuple[l
         dialog = [{"role": role, "content": text} for q, a in turns for role, text in (("user", q), ("assistant", a))]
         rounds = tok.chat_turns(dialog, answered=True)
     else:
-        rounds = [((VICUNA_SYSTEM + " " if i == 0 else "") + f"USER: {q} ASSISTANT:", a) for i, (q, a) in enumerate(turns)]
+        rounds = [((VICUNA_SYSTEM + " " if i == 0 else "") + f"USER: {q} ASSISTANT:", a)
+                  for i, (q, a) in enumerate(turns)]
     ids, labels = [], []
     for i, (prompt_text, answer) in enumerate(rounds):
         prompt = ([tok.bos_id] if template == "inst" or i == 0 else []) + tok.sp.encode(prompt_text)

@@ -10,7 +10,7 @@ with `infill_prompt(prefix, suffix, suffix_first=True)` whenever the prefix ends
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -77,7 +77,7 @@ class MindRecordWriter:
         self._writer = None
         self.tmp = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
 
-    def __enter__(self) -> "MindRecordWriter":
+    def __enter__(self) -> MindRecordWriter:
         from mindspore.mindrecord import FileWriter
 
         self.path.parent.mkdir(parents=True, exist_ok=True)

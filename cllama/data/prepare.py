@@ -17,17 +17,28 @@ import os
 import sysconfig
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from importlib import resources
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable
 
 import numpy as np
 
-from cllama.data.corpus import (IGNORE_ID, TEMPLATES, CodeEncoder, QAEncoder, WikiEncoder, alpaca_to_conversations,
-                                code_files, qa_records_to_turns, read_records, wiki_paragraphs)
+from cllama.data.corpus import (
+    IGNORE_ID,
+    TEMPLATES,
+    CodeEncoder,
+    QAEncoder,
+    WikiEncoder,
+    alpaca_to_conversations,
+    code_files,
+    qa_records_to_turns,
+    read_records,
+    wiki_paragraphs,
+)
 from cllama.data.mindrecord import MindRecordWriter, remove_dataset
 from cllama.fileio import write_json
 from cllama.tokenizer import Tokenizer, bundled_tokenizer_path, extend_tokenizer

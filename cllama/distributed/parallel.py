@@ -38,7 +38,7 @@ class ParallelConfig:
         return self.data_parallel * self.model_parallel * self.pipeline_stage
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "parallel_config") -> "ParallelConfig":
+    def from_dict(cls, values: dict, source: str = "parallel_config") -> ParallelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

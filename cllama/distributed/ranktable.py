@@ -12,8 +12,9 @@ import re
 import shutil
 import socket
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 MODELARTS_RANK_TABLE = Path("/user/config/jobstart_hccl.json")
 HCCN_CONF = Path("/etc/hccn.conf")
@@ -117,7 +118,8 @@ def read_rank_table(path: str | os.PathLike) -> dict:
     if not isinstance(servers, list) or not servers:
         raise ValueError(f"{path}: no server_list; is this an hccl rank table?")
     if str(table.get("server_count")) != str(len(servers)):
-        raise ValueError(f"{path}: server_count={table.get('server_count')!r} but server_list has {len(servers)} entries")
+        raise ValueError(f"{path}: server_count={table.get('server_count')!r} but server_list has "
+                         f"{len(servers)} entries")
     for i, server in enumerate(servers):
         if "server_id" not in server or not isinstance(server.get("device"), list):
             raise ValueError(f"{path}: server_list[{i}] needs server_id and a device list")

@@ -22,14 +22,14 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
-from cllama.config import ModelConfig
 from cllama.checkpoint.names import param_shapes
+from cllama.config import ModelConfig
 from cllama.distributed.parallel import ParallelConfig
 from cllama.fileio import atomic_path
 

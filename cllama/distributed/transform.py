@@ -13,15 +13,22 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Union
 
 import numpy as np
 
+from cllama.distributed.strategy import (
+    ParamLayout,
+    check_strategy,
+    device_count,
+    memory_per_rank,
+    read_strategy,
+    write_strategy,
+)
 from cllama.fileio import install, temp_path
-from cllama.distributed.strategy import (ParamLayout, check_strategy, device_count, memory_per_rank, read_strategy,
-                                         write_strategy)
 
 PREFIX = "checkpoint_"  # MindFormers' shard file prefix: rank_X/checkpoint_X.ckpt
 STRATEGY_FILE = "strategy.ckpt"
@@ -256,8 +263,8 @@ def _verify(source: Source, out: Path, src_file: str | None, dst_file: str | Non
     if (out / "config.json").is_file():  # every parameter of the model must be there
         import mindspore as ms
 
-        from cllama.config import ModelConfig
         from cllama.checkpoint.names import check_names, param_shapes
+        from cllama.config import ModelConfig
 
         shapes = {n: tuple(p.shape) for n, p in ms.load_checkpoint(str(out / "model.ckpt")).items()}
         check_names(param_shapes(ModelConfig.load(out)), shapes, f"merged {source.path}")
@@ -286,7 +293,7 @@ def transform_rank(src: str | os.PathLike, rank: int, dst: str | os.PathLike,
         work = Path(work_dir)
         src_file = _strategy_file(source.strategy, work, "src_strategy")
         dst_file = _strategy_file(dst_strategy, work, "dst_strategy")
-        files = {0: str(source.ckpt)} if not source.sharded else {r: str(p) for r, p in shard_files(source.path).items()}
+        files = {r: str(p) for r, p in shard_files(source.path).items()} if source.sharded else {0: str(source.ckpt)}
         needed = ms.rank_list_for_transform(rank, src_file, dst_file)
         missing = [r for r in needed if r not in files]
         if missing:

@@ -13,8 +13,8 @@ import json
 import os
 import zlib
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -80,7 +80,8 @@ def _batched(generate, tasks: Sequence[dict], n_samples: int, params: SamplingPa
         outs = []
         for b, start in enumerate(range(0, n_samples, batch_size)):
             count = min(batch_size, n_samples - start)
-            outs += generate([request(t)] * count, dataclasses.replace(params, seed=task_seed(params.seed, t["task_id"]) + b))
+            seeded = dataclasses.replace(params, seed=task_seed(params.seed, t["task_id"]) + b)
+            outs += generate([request(t)] * count, seeded)
         texts[t["task_id"]] = outs
     return texts
 
@@ -202,7 +203,8 @@ def write_eval_results(out_dir: str | os.PathLike, run: dict, figures: Sequence[
 
     metrics = run["metrics"]
     return write_results(out_dir, stage="evaluate_humaneval",
-                         metrics={k: v for k, v in metrics.items() if k.startswith("pass@") or k in ("tasks", "samples")},
+                         metrics={k: v for k, v in metrics.items()
+                                  if k.startswith("pass@") or k in ("tasks", "samples")},
                          artifacts={"samples": run["samples"], "results": run["results"],
                                     "model_dir": run["settings"]["model_dir"]},
                          figures=figures, params=run["settings"], seed=run["settings"]["seed"])

@@ -14,8 +14,8 @@ import os
 import random
 import re
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -253,7 +253,8 @@ def results_path(samples_path: str | os.PathLike) -> Path:
 
 
 def score_file(path: str | os.PathLike, ks: Sequence[int] = (1, 10, 100), workers: int | None = None,
-               timeout: float = DEFAULT_TIMEOUT, tasks: Mapping[str, dict] | None = None, progress: bool = True) -> dict:
+               timeout: float = DEFAULT_TIMEOUT, tasks: Mapping[str, dict] | None = None,
+               progress: bool = True) -> dict:
     """Score a samples file; writes `<path>_results.jsonl`; returns the metrics."""
     samples = read_samples(path)
     if tasks is None:

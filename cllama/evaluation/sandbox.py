@@ -21,9 +21,9 @@ import sys
 import time
 import warnings
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 from tqdm.auto import tqdm
 
@@ -172,7 +172,7 @@ class Sandbox:
         self.isolation: dict = {}
 
     # ---- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> "Sandbox":
+    def start(self) -> Sandbox:
         if self.workers:
             return self
         self.workers = [_Worker(self.limits, self.mode) for _ in range(self.n_workers)]
@@ -210,7 +210,7 @@ class Sandbox:
             worker.kill()
         self.workers = []
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> Sandbox:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -26,8 +26,9 @@ are what MindIR export writes (cllama/generation/export.py): there is one cached
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import mindspore as ms
 import numpy as np
@@ -133,7 +134,7 @@ class KVCache:
     length: int
 
     @classmethod
-    def create(cls, model: CodeLlama, batch: int, length: int) -> "KVCache":
+    def create(cls, model: CodeLlama, batch: int, length: int) -> KVCache:
         c = model.config
         if length > c.seq_length:
             raise ValueError(f"KV cache: length {length} exceeds ModelConfig.seq_length={c.seq_length}; "

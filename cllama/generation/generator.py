@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 from mindspore import Tensor
@@ -31,7 +32,6 @@ from cllama.generation.sampling import SamplingParams, select_tokens
 from cllama.generation.textstream import RowText
 from cllama.model import CodeLlama
 from cllama.tokenizer import MODES, Tokenizer
-
 
 
 @dataclass
@@ -104,7 +104,7 @@ class Generator:
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
-                 **kwargs) -> "Generator":
+                 **kwargs) -> Generator:
         """Load a model directory; the tokenizer from tokenizer_path, else model_dir/tokenizer.model
         when present, else none (then only ids in and out)."""
         from cllama.checkpoint.model_dir import load_model_dir
@@ -242,7 +242,7 @@ class Generator:
         for begin in range(0, len(order), batch_size):
             rows = order[begin:begin + batch_size]
 
-            def forward(pieces: list) -> None:
+            def forward(pieces: list, rows: list = rows) -> None:
                 for row, piece in pieces:
                     on_text(rows[row], piece)
 

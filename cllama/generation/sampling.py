@@ -6,8 +6,9 @@ graph (cllama/generation/engine.py).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -49,7 +50,7 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
 
     @classmethod
-    def build(cls, params: Optional["SamplingParams"] = None, **fields) -> "SamplingParams":
+    def build(cls, params: Optional[SamplingParams] = None, **fields) -> SamplingParams:
         """`params` (default: the defaults) with some fields replaced; an unknown field is an error."""
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
         if unknown:

@@ -1,7 +1,8 @@
 """Incremental text of a generated row: full re-decoding, stop strings, stable streaming pieces."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 
 class RowText:

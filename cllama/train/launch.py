@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Optional
 
 from cllama.distributed.parallel import parallel_mode_name
+from cllama.runtime import REPO_ROOT
 from cllama.train.loop import MetricsCallback, TrainResult, summarize, train
 from cllama.train.metrics import read_metrics
 from cllama.train.runconfig import RunConfig, parse_run_config, save_run_config, set_key
-from cllama.runtime import REPO_ROOT
 
 
 def msrun_command(script_args: list[str], worker_num: int, local_worker_num: int | None = None,
@@ -136,7 +136,8 @@ def train_or_launch(run: RunConfig, workers: int = 1, nodes: int = 1, master_add
     if nodes > 1:
         config = Path(run.output_dir).resolve() / "run_config.msrun.yaml"
         resumed = run.resume_training if resume is None else resume
-        lines = cluster_commands(nodes, workers, master_addr, worker_command(config, resumed), rank_table_file=rank_table)
+        lines = cluster_commands(nodes, workers, master_addr, worker_command(config, resumed),
+                                 rank_table_file=rank_table)
         print("Start the other nodes with:\n" + "\n".join(lines[1:]))
     return launch(run, workers, resume=resume, on_metrics=on_metrics, nodes=nodes, master_addr=master_addr,
                   rank_table=rank_table)
@@ -166,5 +167,6 @@ def _report(out: Path, on_metrics: Optional[MetricsCallback], seen: int) -> int:
 def _tail(path: Path, lines: int = 15) -> str:
     if not path.exists():
         return ""
-    text = [l for l in path.read_text(errors="replace").splitlines() if "[INFO]" not in l and "[WARNING]" not in l]
+    text = [line for line in path.read_text(errors="replace").splitlines()
+            if "[INFO]" not in line and "[WARNING]" not in line]
     return "\n".join(text[-lines:])

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -51,7 +52,8 @@ class TrainResult:
     def summary(self) -> str:
         """One line: loss from first to last step, throughput, validation loss."""
         return (f"loss {self.first_loss:.3f} -> {self.final_loss:.3f} (mean of last 10: {self.loss_last10:.3f}), "
-                f"{self.tokens_per_s or 0:,.0f} tokens/s" + (f", val loss {self.val_loss:.3f}" if self.val_loss else ""))
+                f"{self.tokens_per_s or 0:,.0f} tokens/s"
+                + (f", val loss {self.val_loss:.3f}" if self.val_loss else ""))
 
 
 # ---- data ----------------------------------------------------------------------------------------------
@@ -127,8 +129,12 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
     from mindspore import Tensor
     from tqdm.auto import tqdm
 
-    from cllama.train.checkpoints import (latest_checkpoint, load_checkpoint_state, remove_partial_checkpoints,
-                                          save_checkpoint)
+    from cllama.train.checkpoints import (
+        latest_checkpoint,
+        load_checkpoint_state,
+        remove_partial_checkpoints,
+        save_checkpoint,
+    )
     from cllama.train.metrics import MetricsLog
     from cllama.train.optim import build_lr_schedule, build_optimizer
     from cllama.train.steps import AccumulateStep, EvalStep, TrainStep

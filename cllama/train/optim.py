@@ -12,8 +12,9 @@ Elsewhere (Ascend/GPU) the same formula runs as plain element-wise ops in float3
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import mindspore as ms
 import numpy as np

@@ -82,7 +82,7 @@ def set_key(doc: dict, dotted: str, value: Any) -> None:
     (e.g. `callbacks.CheckpointMointor.save_checkpoint_steps`)."""
     parts = dotted.split(".")
     node: Any = doc
-    for i, part in enumerate(parts[:-1]):
+    for part in parts[:-1]:
         if isinstance(node, list):
             matches = [item for item in node if isinstance(item, dict) and item.get("type") == part]
             if part.isdigit() and int(part) < len(node):
@@ -205,7 +205,8 @@ def parse_run_config(doc: dict, source: str = "run config") -> RunConfig:
             raise bad("callbacks", f"type {kind!r} is not one of {list(CALLBACK_TYPES)}")
         if kind in ("CheckpointMointor", "CheckpointMonitor"):
             run.save_steps = _int(cb.get("save_checkpoint_steps", 0), "CheckpointMointor.save_checkpoint_steps", bad, 0)
-            run.keep_checkpoints = _int(cb.get("keep_checkpoint_max", 5), "CheckpointMointor.keep_checkpoint_max", bad, 0)
+            run.keep_checkpoints = _int(cb.get("keep_checkpoint_max", 5), "CheckpointMointor.keep_checkpoint_max",
+                                        bad, 0)
     tokenizer = ((doc.get("processor") or {}).get("tokenizer") or {}).get("vocab_file")
     run.tokenizer = str(tokenizer or "")
     from cllama.train.optim import build_lr_schedule, optimizer_settings

@@ -8,6 +8,7 @@ import platform
 import time
 from pathlib import Path
 from typing import Optional
+
 from cllama.runtime import memory_gib
 
 CANN_VERSION_FILES = ("/usr/local/Ascend/ascend-toolkit/latest/version.cfg",
@@ -66,9 +67,8 @@ def device_info(device: Optional[str] = None) -> dict:
 
 def matmul_check(device: str) -> dict:
     """A float32 matmul on the device, compared with numpy, and numpy's float32 matmul GFLOP/s."""
-    import numpy as np
-
     import mindspore as ms
+    import numpy as np
     from mindspore import ops
 
     ms.set_device(device)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 LEDGER_FIELDS = ["run_id", "name", "status", "start", "duration_s", "failed_stage", "stages", "final_loss",
                  "val_loss", "pass@1", "train_tokens_per_s", "generate_tokens_per_s", "params", "metrics",

@@ -23,14 +23,15 @@ import ast
 import contextlib
 import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Optional
 
 import yaml
 
-from cllama.train import runconfig
 from cllama.runtime import REPO_ROOT
+from cllama.train import runconfig
 
 REF = re.compile(r"\$\{([^}]*)\}")
 REF_KINDS = ("artifacts", "metrics", "params")
@@ -267,7 +268,8 @@ def _reference_problem(ref: str, earlier: list[str]) -> Optional[str]:
         return None
     parts = ref.split(".", 2)
     if len(parts) != 3 or parts[1] not in REF_KINDS:
-        return f"${{{ref}}}: write ${{STAGE.artifacts.NAME}}, ${{STAGE.metrics.NAME}}, ${{STAGE.params.NAME}} or ${{run_dir}}"
+        return (f"${{{ref}}}: write ${{STAGE.artifacts.NAME}}, ${{STAGE.metrics.NAME}}, ${{STAGE.params.NAME}} "
+                "or ${run_dir}")
     if parts[0] not in earlier:
         return f"${{{ref}}}: {parts[0]!r} is not an earlier stage (earlier: {earlier})"
     return None

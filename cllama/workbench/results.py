@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from cllama import __version__
 from cllama.fileio import read_json, write_json

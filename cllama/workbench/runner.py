@@ -17,9 +17,9 @@ from typing import Any, Optional
 import yaml
 
 from cllama.fileio import write_json
-from cllama.workbench.results import read_results
 from cllama.workbench.ledger import key_metrics, update_ledger
 from cllama.workbench.pipeline import Pipeline, Stage, quiet_papermill, resolve
+from cllama.workbench.results import read_results
 
 
 @dataclass

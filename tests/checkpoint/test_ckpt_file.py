@@ -6,7 +6,12 @@ from mindspore.train import serialization
 
 from cllama.checkpoint import ckpt_file as ckpt_io
 from cllama.checkpoint.ckpt_file import CkptFile, CkptWriter
-from cllama.checkpoint.safetensors_file import SafetensorsFile, SafetensorsWriter, bf16_bits_to_float32, float32_to_bf16_bits
+from cllama.checkpoint.safetensors_file import (
+    SafetensorsFile,
+    SafetensorsWriter,
+    bf16_bits_to_float32,
+    float32_to_bf16_bits,
+)
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ from mindspore import Tensor
 
 from cllama.checkpoint import convert
 from cllama.checkpoint.ckpt_file import CkptFile
+from cllama.checkpoint.convert import hf_to_ms, ms_to_hf
+from cllama.checkpoint.model_dir import hf_to_ms_name, load_model_dir, load_state_dict, read_checkpoint
+from cllama.checkpoint.names import param_shapes
+from cllama.checkpoint.safetensors_file import SafetensorsFile, float32_to_bf16_bits
 from cllama.cli import main
 from cllama.config import ModelConfig
-from cllama.checkpoint.convert import hf_to_ms, ms_to_hf
-from cllama.checkpoint.names import param_shapes
 from cllama.model import CodeLlama
-from cllama.checkpoint.safetensors_file import SafetensorsFile, float32_to_bf16_bits
-from cllama.checkpoint.model_dir import hf_to_ms_name, load_model_dir, load_state_dict, read_checkpoint
 
 IDS = np.random.default_rng(7).integers(0, 32016, (2, 16))
 
@@ -180,7 +180,8 @@ def test_missing_shard_and_truncated_file_are_named(hf_dirs, tmp_path):
     with pytest.raises(ValueError, match=rf"{shard.name}: truncated safetensors file"):
         hf_to_ms(tmp_path / "hf", tmp_path / "m", progress=False)
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match=rf"{shard.name}: shard listed in model.safetensors.index.json is missing"):
+    listed = rf"{shard.name}: shard listed in model.safetensors.index.json is missing"
+    with pytest.raises(FileNotFoundError, match=listed):
         hf_to_ms(tmp_path / "hf", tmp_path / "m", progress=False)
     assert not (tmp_path / "m" / "model.ckpt").exists()
     shutil.copytree(hf_dirs / "bin", tmp_path / "bin")
@@ -221,8 +222,8 @@ def test_peak_memory_is_bounded_by_a_tensor_not_the_model(tmp_path, rng, monkeyp
     written) must never hold more than a few chunks."""
     import tracemalloc
 
-    from cllama.checkpoint.sources import TensorSource
     from cllama.checkpoint.safetensors_file import SafetensorsWriter
+    from cllama.checkpoint.sources import TensorSource
 
     specs = [(f"t{i}", "BF16", (1024, 2048)) for i in range(16)]
     with SafetensorsWriter(tmp_path / "w.safetensors", specs) as w:

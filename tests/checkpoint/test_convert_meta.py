@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cllama.checkpoint.ckpt_file import CkptFile
-from cllama.config import ModelConfig
 from cllama.checkpoint.convert import hf_to_ms, meta_to_ms
+from cllama.config import ModelConfig
 
 # HF name piece -> (Meta name piece, concatenation dim across model-parallel shards; None: replicated)
 TO_META = {"self_attn.q_proj": ("attention.wq", 0), "self_attn.k_proj": ("attention.wk", 0),

@@ -6,12 +6,18 @@ import pytest
 import torch
 from mindspore import Tensor
 
-from cllama.config import ModelConfig
+from cllama.checkpoint.model_dir import (
+    load_hf_weights,
+    load_model_dir,
+    load_state_dict,
+    random_model,
+    save_model_dir,
+    state_dict,
+)
 from cllama.checkpoint.names import param_shapes
-from cllama.model import CodeLlama
 from cllama.checkpoint.safetensors_file import SafetensorsFile, bf16_bits_to_float32, float32_to_bf16_bits
-from cllama.checkpoint.model_dir import (load_hf_weights, load_model_dir, load_state_dict, random_model,
-                                         save_model_dir, state_dict)
+from cllama.config import ModelConfig
+from cllama.model import CodeLlama
 
 
 def test_bad_weights_list_every_problem(hf_llama):

@@ -3,7 +3,7 @@ import math
 import subprocess
 import sys
 
-from cllama.checkpoint.names import hf_to_ms_name, meta_to_ms_name, ms_to_hf_name, model_order, param_shapes
+from cllama.checkpoint.names import hf_to_ms_name, meta_to_ms_name, model_order, ms_to_hf_name, param_shapes
 from cllama.config import PRESETS, ModelConfig
 
 

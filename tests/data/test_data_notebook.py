@@ -28,4 +28,5 @@ def test_prepare_data_notebook(tmp_path, params):
         assert "[INST]" in html and "line-through" in executed
     else:
         assert sorted(rows) == ["input_ids"] and stats["files"] == 8 and stats["fim_rate"] == 0.9
-        assert results["artifacts"]["tokenizer"].endswith("tokenizer.model") and "&lt;PRE&gt;" in html and "&lt;PRE&gt;" in executed
+        assert results["artifacts"]["tokenizer"].endswith("tokenizer.model")
+        assert "&lt;PRE&gt;" in html and "&lt;PRE&gt;" in executed

@@ -5,8 +5,14 @@ import os
 import numpy as np
 import pytest
 
-from cllama.data.mindrecord import (MindRecordWriter, dataset_files, load_dataset, read_mindrecord, shard_indices,
-                               write_mindrecord)
+from cllama.data.mindrecord import (
+    MindRecordWriter,
+    dataset_files,
+    load_dataset,
+    read_mindrecord,
+    shard_indices,
+    write_mindrecord,
+)
 
 L = 17
 

@@ -14,8 +14,15 @@ import pytest
 
 from cllama.data.corpus import clean_wikitext, qa_tokens, wiki_paragraphs
 from cllama.data.mindrecord import read_mindrecord
-from cllama.data.prepare import (alpaca_to_conversations, convert_alpaca, prepare, prepare_code, prepare_qa,
-                                 prepare_wiki, stats_path, val_path)
+from cllama.data.prepare import (
+    alpaca_to_conversations,
+    convert_alpaca,
+    prepare_code,
+    prepare_qa,
+    prepare_wiki,
+    stats_path,
+    val_path,
+)
 from cllama.tokenizer import Tokenizer
 from tests.conftest import ROOT
 
@@ -50,7 +57,8 @@ def test_every_code_alpaca_example_converts(alpaca, tok):
     conv = alpaca_to_conversations(alpaca)
     assert len(conv) == len(alpaca) == 2017
     for i, (rec, c) in enumerate(zip(alpaca, conv)):
-        prompt = WITH_INPUT.format(rec["instruction"], rec["input"]) if rec["input"] else NO_INPUT.format(rec["instruction"])
+        prompt = (WITH_INPUT.format(rec["instruction"], rec["input"]) if rec["input"]
+                  else NO_INPUT.format(rec["instruction"]))
         assert c == {"id": str(i + 1), "conversations": [{"from": "human", "value": prompt},
                                                          {"from": "gpt", "value": rec["output"]}]}
         for template in ("vicuna", "inst"):
@@ -61,14 +69,16 @@ def test_every_code_alpaca_example_converts(alpaca, tok):
 def test_convert_alpaca_file(tmp_path):
     assert convert_alpaca(ALPACA, tmp_path / "conv.json") == 2017
     conv = json.loads((tmp_path / "conv.json").read_text())
-    assert conv[0]["conversations"][0]["value"].endswith("### Input:\ndataList = [3, 9, 3, 5, 7, 9, 5]\n\n### Response:")
+    assert conv[0]["conversations"][0]["value"].endswith(
+        "### Input:\ndataList = [3, 9, 3, 5, 7, 9, 5]\n\n### Response:")
 
 
 # ---- qa: ids and label masks token by token -----------------------------------------------------
 def test_vicuna_ids_and_labels_by_hand(alpaca, tok):
     sp = tok.sp
     for rec in (alpaca[0], alpaca[3]):  # with and without input
-        prompt = WITH_INPUT.format(rec["instruction"], rec["input"]) if rec["input"] else NO_INPUT.format(rec["instruction"])
+        prompt = (WITH_INPUT.format(rec["instruction"], rec["input"]) if rec["input"]
+                  else NO_INPUT.format(rec["instruction"]))
         ids, labels = qa_tokens(tok, [(prompt, rec["output"])], "vicuna")
         head = sp.encode(SYSTEM + " USER: " + prompt + " ASSISTANT:")
         answer = sp.encode(rec["output"])
@@ -80,9 +90,11 @@ def test_vicuna_ids_and_labels_by_hand(alpaca, tok):
         assert tok.decode(ids) == f"{SYSTEM} USER: {prompt} ASSISTANT: {rec['output']}"
         # and tokenizing that string in one go gives the same ids
         assert ids == [1] + sp.encode(f"{SYSTEM} USER: {prompt} ASSISTANT: {rec['output']}") + [2]
-    ids, labels = qa_tokens(tok, [(WITH_INPUT.format(alpaca[0]["instruction"], alpaca[0]["input"]), alpaca[0]["output"])])
-    answer = [i for i, l in zip(ids, labels) if l != -100]
-    assert answer[:8] == [450, 8359, 1819, 515, 278, 2183, 1051, 526]  # ▁The ▁distinct ▁values ▁from ▁the ▁given ▁list ▁are
+    first = alpaca[0]
+    ids, labels = qa_tokens(tok, [(WITH_INPUT.format(first["instruction"], first["input"]), first["output"])])
+    answer = [i for i, label in zip(ids, labels) if label != -100]
+    # ▁The ▁distinct ▁values ▁from ▁the ▁given ▁list ▁are
+    assert answer[:8] == [450, 8359, 1819, 515, 278, 2183, 1051, 526]
 
 
 def test_vicuna_two_rounds(tok):
@@ -209,7 +221,8 @@ def small_conv(tmp_path_factory, alpaca):
 
 
 def test_held_out_split_deterministic_and_disjoint(tmp_path, small_conv):
-    full = read_mindrecord(prepare_qa(small_conv, tmp_path / "all.mindrecord", seq_length=255, progress=False).path)["input_ids"]
+    full = prepare_qa(small_conv, tmp_path / "all.mindrecord", seq_length=255, progress=False)
+    full = read_mindrecord(full.path)["input_ids"]
     runs = [prepare_qa(small_conv, tmp_path / f"{name}.mindrecord", seq_length=255, val_fraction=0.2, seed=seed,
                        progress=False) for name, seed in (("a", 1), ("b", 1), ("c", 2))]
     rows = [(read_mindrecord(r.path)["input_ids"], read_mindrecord(r.val_path)["input_ids"]) for r in runs]

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from cllama.distributed import ranktable
 from cllama.cli import main
+from cllama.distributed import ranktable
 from cllama.distributed.ranktable import make_rank_table, merge_rank_tables, parse_device_range, write_rank_table
 
 HCCN = "".join(f"address_{i}=192.98.{92 + i // 4}.{100 + i}\nnetmask_{i}=255.255.255.0\n" for i in range(8))

@@ -6,12 +6,18 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from cllama.distributed.transform import checksums, shard_files, transform, transform_rank
+from cllama.checkpoint.model_dir import random_model, save_model_dir
 from cllama.cli import main
 from cllama.config import ModelConfig
-from cllama.distributed.strategy import (make_parallel, memory_per_rank, param_layouts, read_strategy, shard_table,
-                             write_strategy)
-from cllama.checkpoint.model_dir import random_model, save_model_dir
+from cllama.distributed.strategy import (
+    make_parallel,
+    memory_per_rank,
+    param_layouts,
+    read_strategy,
+    shard_table,
+    write_strategy,
+)
+from cllama.distributed.transform import checksums, shard_files, transform, transform_rank
 from tests.conftest import run_notebook
 
 TINY = ModelConfig.from_name("tiny", seq_length=64)           # 4 heads, 2 kv heads, 2 layers
@@ -102,7 +108,8 @@ def test_34b_strategy_shapes_without_allocation(tmp_path):
     layouts = param_layouts(config, make_parallel(data_parallel=1, model_parallel=8, pipeline_stage=2))
     expect = {"model.layers.0.attention.wq.weight": (1024, 8192), "model.layers.0.attention.wk.weight": (128, 8192),
               "model.layers.0.attention.wv.weight": (128, 8192), "model.layers.0.attention.wo.weight": (8192, 1024),
-              "model.layers.47.feed_forward.w1.weight": (2752, 8192), "model.layers.47.feed_forward.w3.weight": (2752, 8192),
+              "model.layers.47.feed_forward.w1.weight": (2752, 8192),
+              "model.layers.47.feed_forward.w3.weight": (2752, 8192),
               "model.layers.47.feed_forward.w2.weight": (8192, 2752), "model.layers.47.ffn_norm.weight": (8192,),
               "model.tok_embeddings.embedding_weight": (32000, 8192), "lm_head.weight": (32000, 8192)}
     for name, shape in expect.items():
@@ -124,7 +131,8 @@ def test_34b_strategy_shapes_without_allocation(tmp_path):
                                                                        "ckpt_strategy_rank_8.ckpt"]
     # a cluster's per-stage folder reads like the merged file (merge_pipeline_strategys)
     from_dir = read_strategy(tmp_path / "stages")
-    assert {n: (l.stage, l.splits) for n, l in from_dir.items()} == {n: (l.stage, l.splits) for n, l in layouts.items()}
+    assert {n: (lay.stage, lay.splits) for n, lay in from_dir.items()} == \
+        {n: (lay.stage, lay.splits) for n, lay in layouts.items()}
     rows = shard_table(layouts, itemsize=2)
     assert len(rows) == len(layouts) and rows[0]["bytes_per_rank"] == 32000 * 8192 * 2
     layer = 2 * 8192 + (1024 + 128 + 128) * 8192 + 8192 * 1024 + 3 * 2752 * 8192

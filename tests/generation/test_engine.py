@@ -7,8 +7,18 @@ from mindspore import Tensor
 
 from cllama.checkpoint.model_dir import random_model
 from cllama.config import ModelConfig
-from cllama.generation.engine import (DecodeGraph, DecodeStep, FusedWeights, KVCache, PrefillGraph, PrefillStep,
-                                      fuse_by_default, fused_nbytes, left_pad, rotate_half_matrix)
+from cllama.generation.engine import (
+    DecodeGraph,
+    DecodeStep,
+    FusedWeights,
+    KVCache,
+    PrefillGraph,
+    PrefillStep,
+    fuse_by_default,
+    fused_nbytes,
+    left_pad,
+    rotate_half_matrix,
+)
 
 
 @pytest.fixture(scope="module")

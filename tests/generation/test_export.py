@@ -6,13 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mindspore import Tensor
 
+from cllama.checkpoint.model_dir import load_model_dir, random_model, save_model_dir
 from cllama.cli import main
 from cllama.config import ModelConfig
 from cllama.generation.export import DECODE_FILE, PREFILL_FILE, MindIREngine, compare_with_model
 from cllama.generation.generator import Generator
-from cllama.checkpoint.model_dir import load_model_dir, random_model, save_model_dir
 from tests.conftest import run_notebook
 
 BATCH, SEQ, WIDTH = 2, 48, 16

@@ -3,8 +3,7 @@ transformers' own logits processors; sampled frequencies against the filtered so
 import numpy as np
 import pytest
 import torch
-from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
-                                                     TopPLogitsWarper)
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 from cllama.generation.sampling import SamplingParams, apply_repetition_penalty, filter_logits, select_tokens
 

@@ -5,13 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cllama.checkpoint.model_dir import read_checkpoint
 from cllama.config import ModelConfig
 from cllama.distributed.parallel import ParallelConfig, auto_parallel_settings, init_parallel, launched_by_msrun
 from cllama.train.launch import cluster_commands, launch, msrun_command
-from cllama.train.runconfig import load_run_config
 from cllama.train.loop import train
 from cllama.train.metrics import read_metrics
-from cllama.checkpoint.model_dir import read_checkpoint
+from cllama.train.runconfig import load_run_config
 from tests.conftest import ROOT
 
 PRETRAIN = ROOT / "configs" / "tiny" / "pretrain.yaml"

@@ -11,12 +11,12 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from cllama.config import ModelConfig
-from cllama.train.runconfig import load_run_config, save_run_config
-from cllama.train.loop import train
-from cllama.train.checkpoints import checkpoint_steps
-from cllama.train.metrics import read_metrics
 from cllama.checkpoint.model_dir import load_model_dir, random_model, read_checkpoint, save_model_dir
+from cllama.config import ModelConfig
+from cllama.train.checkpoints import checkpoint_steps
+from cllama.train.loop import train
+from cllama.train.metrics import read_metrics
+from cllama.train.runconfig import load_run_config, save_run_config
 from tests.conftest import ROOT
 
 FINETUNE = ROOT / "configs" / "tiny" / "finetune.yaml"

@@ -5,11 +5,11 @@ import pytest
 import torch
 from mindspore import Tensor
 
+from cllama.checkpoint.model_dir import hf_to_ms_name, load_hf_weights, random_model
 from cllama.config import ModelConfig
 from cllama.model import CodeLlama
 from cllama.train.optim import build_optimizer
 from cllama.train.steps import AccumulateStep, TrainStep
-from cllama.checkpoint.model_dir import hf_to_ms_name, load_hf_weights, random_model
 from tests.conftest import make_hf_llama
 
 ADAMW = {"type": "AdamW", "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}

@@ -7,7 +7,8 @@ import nbformat
 import papermill
 import pytest
 
-from cllama.workbench import ledger, pipeline as runs, runner
+from cllama.workbench import ledger, runner
+from cllama.workbench import pipeline as runs
 from cllama.workbench.results import read_results
 from tests.conftest import ROOT
 

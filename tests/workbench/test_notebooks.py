@@ -2,12 +2,11 @@
 reads in full, no def/class, outputs stripped; the pipeline files aim only at parameters that exist."""
 import ast
 import re
-from pathlib import Path
 
 import nbformat
 import pytest
 
-from cllama.workbench import pipeline as runs, runner
+from cllama.workbench import pipeline as runs
 from tests.conftest import ROOT
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

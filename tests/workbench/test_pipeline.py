@@ -8,8 +8,9 @@ import pytest
 import yaml
 from nbformat.v4 import new_code_cell, new_notebook
 
-from cllama.workbench import ledger, pipeline as runs, runner
 from cllama.cli import main
+from cllama.workbench import ledger, runner
+from cllama.workbench import pipeline as runs
 
 
 def _notebook(path: Path, parameters: str, body: str) -> Path:
@@ -29,7 +30,8 @@ def notebooks(tmp_path_factory):
                                           'output_dir = "out"  # results go here',
                      'out = Path(output_dir)\nout.mkdir(parents=True, exist_ok=True)\n'
                      '(out / "data.txt").write_text(text * value)\n'
-                     'write_results(out, stage="emit", metrics={"value": value * 2}, artifacts={"data": out / "data.txt"})')
+                     'write_results(out, stage="emit", metrics={"value": value * 2},'
+                     ' artifacts={"data": out / "data.txt"})')
     consume = _notebook(root / "consume.ipynb", 'path = ""  # a file to read\nnumber = 0.0  # a number to report\n'
                                                 'output_dir = "out"  # results go here',
                         'content = Path(path).read_text()\n'
@@ -136,7 +138,8 @@ def test_shared_params_and_a_missing_artifact(notebooks, tmp_path):
         {"name": "emit", "notebook": str(notebooks["emit"])},
         {"name": "consume", "notebook": str(notebooks["consume"]), "params": {"path": "${emit.artifacts.nothing}"}}],
         params={"value": 4}))
-    assert pipeline.stages[0].params == {"value": 4} and pipeline.stages[1].params == {"path": "${emit.artifacts.nothing}"}
+    assert pipeline.stages[0].params == {"value": 4}
+    assert pipeline.stages[1].params == {"path": "${emit.artifacts.nothing}"}
     result = runner.run_pipeline(pipeline, tmp_path / "runs", progress=False)
     assert result.status == "failed" and result.failed_stage.name == "consume"
     assert "stage 'emit' wrote no artifacts 'nothing'; it has ['data']" in result.failed_stage.error
