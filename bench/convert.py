@@ -83,7 +83,7 @@ def baseline(src: str, dst: str) -> None:
     from transformers import LlamaForCausalLM
     from transformers.utils import logging
 
-    from cllama.checkpoint.model_dir import hf_to_ms_name
+    from cllama.checkpoint.names import hf_to_ms_name
 
     logging.disable_progress_bar()
     model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)

@@ -26,7 +26,7 @@ os.environ.setdefault("GLOG_v", "3")
 
 from cllama.data.corpus import pad_sample, qa_records_to_turns, qa_tokens, read_records  # noqa: E402
 from cllama.data.fim import document_ids  # noqa: E402
-from cllama.data.mindrecord import read_mindrecord
+from cllama.data.mindrecord import read_mindrecord  # noqa: E402
 from cllama.data.prepare import prepare_code, prepare_qa  # noqa: E402
 from cllama.tokenizer import Tokenizer, bundled_tokenizer_path, extend_tokenizer  # noqa: E402
 

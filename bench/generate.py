@@ -58,7 +58,8 @@ def build(preset: str, seed: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cllama.checkpoint.model_dir import ms_to_hf_name, random_model, state_dict
+    from cllama.checkpoint.model_dir import random_model, state_dict
+    from cllama.checkpoint.names import ms_to_hf_name
     from cllama.config import ModelConfig
 
     config = ModelConfig.from_name(preset)
@@ -117,7 +118,7 @@ def main() -> None:
             total = time.perf_counter() - start
         return total, streamer.times[-1] - streamer.times[1]
 
-    steps = gen.steps_for(1, 256, logits=False)
+    steps = gen.engine.steps_for(1, 256, logits=False)
     prompt1 = Tensor(prompts[1].astype(np.int32))
     no_pads = Tensor(np.zeros(1, np.int32))
 

@@ -120,3 +120,23 @@ def test_load_refuses_hf_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(ModelConfig.from_name("tiny").to_hf()))
     with pytest.raises(ValueError, match="Hugging Face config.json"):
         ModelConfig.load(tmp_path)
+
+
+def test_stored_only_keys_are_said_not_silently_honoured(caplog):
+    import logging
+
+    from cllama.model import CodeLlama
+
+    config = ModelConfig.from_name("tiny", num_layers=1, use_flash_attention=True, use_past=True,
+                                   layernorm_compute_type="float16", extra={"qkv_concat": True})
+    notes = config.stored_only_notes()
+    assert [n.split("=")[0] for n in notes] == ["use_past", "use_flash_attention", "qkv_concat"]
+    assert ModelConfig.from_name("tiny").stored_only_notes() == []
+    with caplog.at_level(logging.INFO, logger="cllama.model"):
+        model = CodeLlama(config)
+    logged = caplog.text
+    assert "use_flash_attention=True: stored only" in logged and "qkv_concat=True: stored only" in logged
+    assert "CPU: computing in float32" in logged  # layernorm_compute_type float16 is for Ascend
+    import mindspore as ms
+
+    assert model.dtypes.norm == ms.float32 and model.dtypes.softmax == ms.float32  # CPU

@@ -161,14 +161,15 @@ def model_or_random(model_dir: str | os.PathLike | None, out_dir: str | os.PathL
     return path
 
 
-def check_model_dir(path: str | os.PathLike, what: str = "model directory") -> Path:
-    """`path` if it holds config.json and model.ckpt; else one clear error."""
+def check_model_dir(path: str | os.PathLike, where: str = "") -> Path:
+    """`path` if it holds config.json and model.ckpt; else one clear error (prefixed with `where`, the
+    setting that named it)."""
     path = Path(path)
     missing = [name for name in ("config.json", MODEL_FILE) if not (path / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{path}: not a {what} (missing {', '.join(missing)}); a model directory holds "
-                                "config.json + model.ckpt: convert weights with `cllama convert hf2ms` or "
-                                "make one with `cllama model init`")
+        raise FileNotFoundError(f"{where}{path} is not a model directory (missing {', '.join(missing)}): a model "
+                                "directory holds config.json + model.ckpt; convert weights with `cllama convert "
+                                "hf2ms` or make one with `cllama model init`")
     return path
 
 

@@ -284,7 +284,7 @@ def prepare_code(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str 
                  max_files: int | None = None, fim_rate: float = 0.0, val_fraction: float = 0.0, seed: int = 0,
                  shards: int = 1, workers: int | None = None, progress: bool = True) -> Prepared:
     """Source files (one document each) -> bos+ids+eos, or with probability fim_rate a FIM layout
-    (PSM/SPM 50/50, `cllama.fim`), packed into seq_length+1 chunks -> MindRecord {input_ids}.
+    (PSM/SPM 50/50, `cllama.data.fim`), packed into seq_length+1 chunks -> MindRecord {input_ids}.
     Empty and non-UTF-8 files are skipped and counted."""
     _check_options(dst, seq_length, val_fraction, shards)
     if not 0 <= fim_rate <= 1:

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from cllama.fileio import read_json, write_json
+
 MODELARTS_RANK_TABLE = Path("/user/config/jobstart_hccl.json")
 HCCN_CONF = Path("/etc/hccn.conf")
 _RANGE = re.compile(r"^\[\s*(\d+)\s*,\s*(\d+)\s*[)\]]$")
@@ -108,12 +110,7 @@ def make_rank_table(device_num: str, server_ip: Optional[str] = None,
 def read_rank_table(path: str | os.PathLike) -> dict:
     """Read and check a rank table (server_count matches server_list; device entries complete)."""
     path = Path(path)
-    try:
-        table = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: rank table not found") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not JSON ({err})") from None
+    table = read_json(path, "HCCL rank table", "write one with `cllama ranktable make`")
     servers = table.get("server_list") if isinstance(table, dict) else None
     if not isinstance(servers, list) or not servers:
         raise ValueError(f"{path}: no server_list; is this an hccl rank table?")
@@ -151,12 +148,7 @@ def merge_rank_tables(paths: Sequence[str | os.PathLike]) -> dict:
 
 def write_rank_table(table: dict, path: str | os.PathLike) -> Path:
     """Write a table as JSON (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(table, indent=4) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, table, indent=4)
 
 
 def default_name(table: dict) -> str:

@@ -192,7 +192,7 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, src_strategy: Stra
     """Split (full -> dst_strategy shards), merge (shards -> full model dir) or re-shard (A -> B).
 
     `src_strategy`/`dst_strategy`: a strategy file, a folder of per-stage files, or layouts from
-    `cllama.strategy.param_layouts`. A sharded `src` defaults to its own strategy.ckpt.
+    `cllama.distributed.strategy.param_layouts`. A sharded `src` defaults to its own strategy.ckpt.
     With `verify`, the output is turned back the other way and compared by per-tensor checksums
     before it is renamed into place. Returns a report (kind, ranks, tensors, fingerprint, seconds).
     """

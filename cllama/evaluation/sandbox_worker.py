@@ -1,6 +1,6 @@
 """Sandbox worker: enters the isolation once, then forks one child per program.
 
-Runs as a standalone script (standard library only; `cllama.sandbox` starts it with
+Runs as a standalone script (standard library only; `cllama.evaluation.sandbox` starts it with
 `python -I sandbox_worker.py LIMITS_JSON` and a clean environment). Protocol on stdin/stdout, one
 JSON object per line: first the worker says {"ready": true, "isolation": {...}}; then for each
 request {"id", "program", "timeout"} it answers {"id", "result", "stdout", "stderr", "seconds"},

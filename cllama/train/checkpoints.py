@@ -84,7 +84,7 @@ def remove_partial_checkpoints(root: str | os.PathLike) -> list[Path]:
 
 def load_checkpoint_state(path: str | os.PathLike, optimizer: AdamW, step_cell: TrainStep) -> dict:
     """Load optimizer and loss-scale state from a checkpoint; returns its trainer_state. Model
-    weights are loaded separately (`cllama.weights.load_model_dir`)."""
+    weights are loaded separately (`cllama.checkpoint.model_dir.load_state_dict`)."""
     path = Path(path)
     ckpt = path / OPTIMIZER_CKPT
     if not ckpt.is_file():

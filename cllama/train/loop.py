@@ -98,9 +98,6 @@ def _build_model(run: RunConfig):
     if not run.load_checkpoint:
         return random_model(run.model, seed=run.seed)
     path = Path(run.load_checkpoint)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{run.source}: load_checkpoint: {path} is not a model directory (config.json "
-                                "+ model.ckpt); convert weights with `cllama convert hf2ms` first")
     model = load_model_dir(path, seq_length=run.model.seq_length)
     for key in ("hidden_size", "num_layers", "num_heads", "n_kv_heads", "vocab_size", "ffn_hidden_size"):
         if getattr(model.config, key) != getattr(run.model, key):
@@ -129,6 +126,7 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
     from mindspore import Tensor
     from tqdm.auto import tqdm
 
+    from cllama.checkpoint.model_dir import check_model_dir
     from cllama.train.checkpoints import (
         latest_checkpoint,
         load_checkpoint_state,
@@ -142,9 +140,8 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
     if not run.train_data:
         raise ValueError(f"{run.source}: train_dataset.data_loader.dataset_dir is empty; point it at a "
                          "MindRecord file written by `cllama data ...`")
-    if run.load_checkpoint and not (Path(run.load_checkpoint) / "config.json").is_file():
-        raise FileNotFoundError(f"{run.source}: load_checkpoint: {run.load_checkpoint} is not a model directory "
-                                "(config.json + model.ckpt); convert weights with `cllama convert hf2ms` first")
+    if run.load_checkpoint:  # before any output is written
+        check_model_dir(run.load_checkpoint, f"{run.source}: load_checkpoint: ")
     device = _device(run)
     env = init_parallel(run.parallel_config, run.parallel, run.model, device)  # no-op unless msrun started us
     if env.world == 1 and run.use_parallel and run.parallel_config.device_num > 1:

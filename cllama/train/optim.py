@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import mindspore as ms
-import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
@@ -212,8 +211,3 @@ def build_optimizer(block: dict, params: Sequence[Parameter], source: str = "opt
                     fused: Optional[bool] = None) -> AdamW:
     """An AdamW from a YAML `optimizer:` block; `type` picks the flavour (see OPTIMIZERS)."""
     return AdamW(params, fused=fused, **optimizer_settings(block, source))
-
-
-def numpy_state(optimizer: AdamW) -> dict[str, np.ndarray]:
-    """The optimizer state as numpy arrays by name (for tests and inspection)."""
-    return {p.name: p.asnumpy() for p in optimizer.state()}

@@ -9,6 +9,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
+from cllama.fileio import atomic_path
+from cllama.workbench.results import read_results
+
 LEDGER_FIELDS = ["run_id", "name", "status", "start", "duration_s", "failed_stage", "stages", "final_loss",
                  "val_loss", "pass@1", "train_tokens_per_s", "generate_tokens_per_s", "params", "metrics",
                  "run_dir"]
@@ -47,12 +50,10 @@ def update_ledger(runs_dir: str | os.PathLike, row: Mapping[str, Any]) -> Path:
         else:
             rows.append(dict(row))
         fields = LEDGER_FIELDS + sorted({k for r in rows for k in r} - set(LEDGER_FIELDS))
-        tmp = path.with_name("index.csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)
     return path
 
 
@@ -82,7 +83,7 @@ def stage_results(run_dir: str | os.PathLike) -> dict[str, dict]:
     """results.json of each finished stage of a run folder (also mid-run): {stage name: results}."""
     out = {}
     for path in sorted(Path(run_dir).glob("[0-9][0-9]_*/results.json")):
-        out[path.parent.name.split("_", 1)[1]] = json.loads(path.read_text())
+        out[path.parent.name.split("_", 1)[1]] = read_results(path)
     return out
 
 

@@ -5,17 +5,16 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from cllama.fileio import atomic_path
+
 
 def save_figure(fig, path: str | os.PathLike | None) -> Path | None:
     """Save `fig` as PNG (atomically) when a path is given; returns the path."""
     if path is None:
         return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".partial.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    return Path(path)
 
 
 def plot_humaneval(metrics: Mapping[str, float], label: str = "this run", infilling: str | None = None,
@@ -121,7 +120,7 @@ def token_length_histogram(lengths, sample_length: int | None = None, title: str
 
 def loss_curve(records, title: str = "training loss", path: str | os.PathLike | None = None):
     """Training loss per step (with a running mean), validation loss as markers and the learning
-    rate on a second axis, from metrics.jsonl records (`cllama.trainer.read_metrics`)."""
+    rate on a second axis, from metrics.jsonl records (`cllama.train.metrics.read_metrics`)."""
     import matplotlib.pyplot as plt
     import numpy as np
 

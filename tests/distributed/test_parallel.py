@@ -4,10 +4,15 @@ from cllama.config import ModelConfig
 from cllama.distributed.parallel import ParallelConfig
 
 
-def test_34b_card_layouts_validate():
+@pytest.mark.parametrize("dp, mp, pp, micro, devices", [(1, 8, 2, 128, 16), (4, 4, 2, 96, 32)])
+def test_34b_card_layouts_validate(dp, mp, pp, micro, devices):
+    """MindFormers' r1.5 layout and the card's 32-device one fit 34B's shapes on exactly their device count."""
     c = ModelConfig.from_name("codellama-34b")
-    ParallelConfig(data_parallel=1, model_parallel=8, pipeline_stage=2, micro_batch_num=128).validate_for(c, 16)
-    ParallelConfig(data_parallel=4, model_parallel=4, pipeline_stage=2, micro_batch_num=96).validate_for(c, 32)
+    layout = ParallelConfig(data_parallel=dp, model_parallel=mp, pipeline_stage=pp, micro_batch_num=micro)
+    assert layout.device_num == devices
+    layout.validate_for(c, devices)  # raises if a split does not divide
+    with pytest.raises(ValueError, match=f"= {devices} but {2 * devices} devices are in use"):
+        layout.validate_for(c, 2 * devices)
 
 
 @pytest.mark.parametrize("layout, field", [

@@ -6,7 +6,6 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from cllama.checkpoint.model_dir import random_model, save_model_dir
 from cllama.cli import main
 from cllama.config import ModelConfig
 from cllama.distributed.strategy import (
@@ -32,13 +31,9 @@ LAYOUTS = {  # name: (config, parallel layout)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for tag, config in (("tiny", TINY), ("tiny_mp4", TINY_MP4)):
-        save_model_dir(random_model(config, seed=7), root / tag)
-        out[config.n_kv_heads] = root / tag
-    return out
+def models(make_model_dir):
+    """{kv heads: model directory} for TINY (2) and TINY_MP4 (4)."""
+    return {kv: make_model_dir(seed=7, tokenizer=False, seq_length=64, n_kv_heads=kv) for kv in (2, 4)}
 
 
 def _full(path):

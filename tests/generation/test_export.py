@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cllama.checkpoint.model_dir import load_model_dir, random_model, save_model_dir
+from cllama.checkpoint.model_dir import load_model_dir
 from cllama.cli import main
-from cllama.config import ModelConfig
 from cllama.generation.export import DECODE_FILE, PREFILL_FILE, MindIREngine, compare_with_model
 from cllama.generation.generator import Generator
 from tests.conftest import run_notebook
@@ -18,9 +17,8 @@ BATCH, SEQ, WIDTH = 2, 48, 16
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_model_dir(random_model(ModelConfig.from_name("tiny", seq_length=64), seed=11),
-                          tmp_path_factory.mktemp("model") / "tiny")
+def model_dir(make_model_dir):
+    return make_model_dir(seed=11, tokenizer=False, seq_length=64)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +27,9 @@ def model(model_dir):
 
 
 @pytest.fixture(scope="module")
-def cli_export(model_dir):
+def cli_export(model_dir, tmp_path_factory):
     """`cllama export` once for the module: (exit code, printed report, output folder)."""
-    out = model_dir.parent / "mindir"
+    out = tmp_path_factory.mktemp("export") / "mindir"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = main(["export", "--model", str(model_dir), "--out", str(out), "--batch-size", str(BATCH),
