@@ -7,7 +7,7 @@ Greedy decoding takes the argmax inside the graph, so only token ids cross to th
 (cllama/generation/sampling.py). Every call takes one `SamplingParams`, or its fields as keywords.
 
     gen = Generator.from_dir("models/tiny")
-    gen.complete(["def fib(n):"], max_new_tokens=64, stop=["\ndef"])
+    gen.complete(["def fib(n):"], max_new_tokens=64, stop=["\\ndef"])
     gen.infill("def f(x):\\n    ", "\\n    return y\\n")
     stream = gen.stream("import numpy as np\\n")
     for piece in stream: print(piece, end="")
@@ -107,12 +107,10 @@ class Generator:
                  **kwargs) -> Generator:
         """Load a model directory; the tokenizer from tokenizer_path, else model_dir/tokenizer.model
         when present, else none (then only ids in and out)."""
-        from cllama.checkpoint.model_dir import load_model_dir
+        from cllama.checkpoint.model_dir import load_model_dir, tokenizer_of
 
-        model = load_model_dir(model_dir)
-        path = Path(tokenizer_path) if tokenizer_path else Path(model_dir) / "tokenizer.model"
-        tokenizer = Tokenizer(path) if tokenizer_path or path.is_file() else None
-        return cls(model, tokenizer, **kwargs)
+        path = tokenizer_of(model_dir, tokenizer_path)
+        return cls(load_model_dir(model_dir), Tokenizer(path) if path is not None else None, **kwargs)
 
     @property
     def fused(self) -> bool:
