@@ -17,7 +17,8 @@ from mindspore import Tensor
 from cllama.checkpoint.names import HF_IGNORED, check_names, hf_to_ms_name, is_training_state, param_shapes
 from cllama.config import ModelConfig
 from cllama.fileio import atomic_path, copy_file
-from cllama.model import DTYPE, CodeLlama
+from cllama.layers import DTYPE
+from cllama.model import CodeLlama
 
 MODEL_FILE = "model.ckpt"
 

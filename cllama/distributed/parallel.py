@@ -59,6 +59,8 @@ class ParallelConfig:
         ]
         if not self.vocab_emb_dp:
             checks.append((config.vocab_size % mp == 0, "model_parallel", f"vocab_size={config.vocab_size}"))
+        if self.use_seq_parallel:
+            checks.append((config.seq_length % mp == 0, "model_parallel", f"seq_length={config.seq_length}"))
         for ok, field, what in checks:
             if not ok:
                 raise ValueError(f"parallel_config.{field}={getattr(self, field)} must divide {what}; "

@@ -1,9 +1,11 @@
-"""Parallel strategy files: each parameter's device matrix and tensor map for a dp/mp/pp layout.
+"""Parallel strategy files: each parameter's device matrix and tensor map for a dp/mp/pp layout,
+read from the strategies `CodeLlama.shard` puts on the primitives that consume the parameters (the
+model is built without allocating its weights), so the model is the one source of truth.
 
-The layouts are the ones MindSpore's semi-auto parallel derives from MindFormers' Llama shard
-calls (MatMul and Gather operator rules, repeated calculation appended on the right of the device
-matrix), written in MindSpore's `node_strategy.proto` format so `mindspore.transform_checkpoints`
-reads them like a cluster's own files:
+Each layout follows MindSpore's operator rules for the consuming primitive (repeated calculation
+appended on the right of the device matrix), and is written in MindSpore's `node_strategy.proto`
+format so `mindspore.transform_checkpoints` reads it like a cluster's own file. With MindFormers'
+strategies that gives:
 
   wq wk wv w1 w3   MatMul ((dp, 1), (mp, 1)), transpose_b   dev [dp, 1, mp]  map [0, 1]  rows / mp
   wo w2            MatMul ((dp, mp), (1, mp)), transpose_b  dev [dp, mp, 1]  map [0, 1]  cols / mp
@@ -11,15 +13,14 @@ reads them like a cluster's own files:
   tok_embeddings   Gather ((mp, 1), (dp, 1)) when vocab_emb_dp is False (rows / mp), else ((1, 1), (dp, 1))
   norms            Mul ((dp, 1, 1), (1,)): replicated
 
-Pipeline stages: embedding on stage 0, layer i on stage i // (num_layers / pipeline_stage),
-norm_out and lm_head on the last stage. Each stage's file lists its own parameters; a merged file
-(what `mindspore.merge_pipeline_strategys` writes) names them `<stage>-<name>`.
+Pipeline stages are the cells' `pipeline_stage`. Each stage's file lists its own parameters; a merged
+file (what `mindspore.merge_pipeline_strategys` writes) names them `<stage>-<name>`.
+`check_strategies` checks every sharded primitive's strategy against its input shapes.
 """
 from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -28,16 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cllama.checkpoint.names import param_shapes
 from cllama.config import ModelConfig
 from cllama.distributed.parallel import ParallelConfig
 from cllama.fileio import atomic_path
-
-_COLUMN = re.compile(r"^model\.layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])\.weight$")
-_ROW = re.compile(r"^model\.layers\.\d+\.(attention\.wo|feed_forward\.w2)\.weight$")
-_NORM = re.compile(r"^model\.layers\.\d+\.(attention_norm|ffn_norm)\.weight$|^model\.norm_out\.weight$")
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_EMBEDDING, _LM_HEAD = "model.tok_embeddings.embedding_weight", "lm_head.weight"
 
 
 @dataclass(frozen=True)
@@ -91,12 +85,19 @@ def make_parallel(data_parallel: int = 1, model_parallel: int = 1, pipeline_stag
                           vocab_emb_dp=vocab_emb_dp)
 
 
-def _matmul(name, shape, stage, a, b, dp, mp) -> ParamLayout:
-    """MatMul(x, w.T): dev matrix [a0, a1, b0], weight map [0, 1]; repeats appended on the right."""
-    dev, tmap = [a[0], a[1], b[0]], [0, 1]
-    return _with_repeats(ParamLayout(name, shape, stage, tuple(dev), tuple(tmap), "MatMul", (a, b)), dp * mp)
+def sharded_model(config: ModelConfig, parallel: ParallelConfig):
+    """A CodeLlama of `config` with `parallel`'s strategies, its weights never allocated (34B takes
+    half a second and no memory): what layouts and strategy checks read."""
+    from mindspore.nn.utils import no_init_parameters
+
+    from cllama.model import CodeLlama
+
+    with no_init_parameters():
+        model = CodeLlama(config)
+    return model.shard(parallel)
 
 
+# ---- operator rules: a parameter's layout from the strategy of the primitive consuming it ----------
 def _with_repeats(layout: ParamLayout, stage_devices: int) -> ParamLayout:
     repeats = stage_devices // layout.stage_devices
     if repeats == 1:
@@ -106,46 +107,89 @@ def _with_repeats(layout: ParamLayout, stage_devices: int) -> ParamLayout:
                        layout.op, layout.strategy)
 
 
-def _gather(name, shape, stage, dp, mp, split_vocab) -> ParamLayout:
-    """Gather(table, ids (B, S), 0) under MindSpore's Gather modes."""
-    if not split_vocab or mp == 1:  # normal mode: dev = ids strategy + table strategy
-        strategy = ((1, 1), (dp, 1))
-        layout = ParamLayout(name, shape, stage, (dp, 1, 1, 1), (1, 0), "Gather", strategy)
-        return _with_repeats(layout, dp * mp)
-    strategy = ((mp, 1), (dp, 1))
-    if dp > 1:  # shard batch and axis
-        return ParamLayout(name, shape, stage, (dp, mp), (0, -1), "Gather", strategy)
-    return ParamLayout(name, shape, stage, (mp, 1), (1, 0), "Gather", strategy)  # shard axis 0
+def _layout(op: str, strategy: tuple, index: int, name: str, shape: tuple, stage: int,
+            stage_devices: int) -> ParamLayout:
+    if op == "MatMul" and index == 1:  # x (N, in) @ w (out, in)^T: dev [a0, a1, b0], w map [0, 1]
+        (a0, a1), (b0, _) = strategy
+        layout = ParamLayout(name, shape, stage, (a0, a1, b0), (0, 1), op, strategy)
+    elif op == "Gather" and index == 0:  # table (V, H) gathered by ids (B, T) on axis 0
+        table, ids = strategy
+        if table[0] == 1:  # normal mode: dev = ids strategy + table strategy
+            layout = ParamLayout(name, shape, stage, tuple(ids) + tuple(table), (1, 0), op, strategy)
+        elif ids[0] > 1:  # rows split, batch split too
+            return ParamLayout(name, shape, stage, (ids[0], table[0]), (0, -1), op, strategy)
+        else:  # rows split only
+            return ParamLayout(name, shape, stage, (table[0], 1), (1, 0), op, strategy)
+    elif op == "Mul" and index == 1 and len(strategy[1]) == 1:  # x (..., H) * w (H,): dev = x's strategy
+        layout = ParamLayout(name, shape, stage, tuple(strategy[0]), (0,), op, strategy)
+    else:
+        raise ValueError(f"{name}: no layout rule for input {index} of {op} with strategy {strategy}")
+    return _with_repeats(layout, stage_devices)
 
 
-def param_layouts(config: ModelConfig, parallel: ParallelConfig,
-                  shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, ParamLayout]:
-    """Every parameter's layout for `parallel`; `shapes` defaults to the config's (no allocation)."""
-    parallel.validate_for(config)
-    dp, mp, pp = parallel.data_parallel, parallel.model_parallel, parallel.pipeline_stage
-    shapes = param_shapes(config) if shapes is None else shapes
-    per_stage = config.num_layers // pp
+def _stage(stages: Mapping[str, int], cell_name: str) -> int:
+    """The pipeline stage of a cell: its own, else its nearest ancestor's."""
+    parts = cell_name.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in stages:
+            return stages[".".join(parts[:n])]
+    return 0
+
+
+def model_layouts(model) -> dict[str, ParamLayout]:
+    """Every parameter's layout, read from the strategies on the primitives that consume them (each
+    cell's `param_ops`) and the cells' pipeline stages, for a model `shard` was called on."""
+    parallel = model.parallel
+    if parallel is None:
+        raise ValueError("model_layouts: call model.shard(parallel_config) first")
+    cells = dict(model.cells_and_names())
+    stages = {name: cell.pipeline_stage for name, cell in cells.items()
+              if getattr(cell, "pipeline_stage", None) is not None}
+    stage_devices = parallel.data_parallel * parallel.model_parallel
     out = {}
-    for name, shape in shapes.items():
-        shape = tuple(shape)
-        m = _LAYER.match(name)
-        stage = int(m.group(1)) // per_stage if m else (0 if name == _EMBEDDING else pp - 1)
-        if _COLUMN.match(name):
-            out[name] = _matmul(name, shape, stage, (dp, 1), (mp, 1), dp, mp)
-        elif _ROW.match(name):
-            out[name] = _matmul(name, shape, stage, (dp, mp), (1, mp), dp, mp)
-        elif name == _LM_HEAD:
-            b = (1, 1) if parallel.vocab_emb_dp else (mp, 1)
-            out[name] = _matmul(name, shape, stage, (dp, 1), b, dp, mp)
-        elif name == _EMBEDDING:
-            out[name] = _gather(name, shape, stage, dp, mp, not parallel.vocab_emb_dp)
-        elif _NORM.match(name):
-            layout = ParamLayout(name, shape, stage, (dp, 1, 1), (0,), "Mul", ((dp, 1, 1), (1,)))
-            out[name] = _with_repeats(layout, dp * mp)
-        else:
-            raise ValueError(f"param_layouts: parameter {name!r} is not a Code Llama parameter "
-                             "(MindFormers names, REFERENCE.md section 4); drop it or rename it")
+    for cell_name, cell in cells.items():
+        for attr, (prim, index) in (cell.param_ops().items() if hasattr(cell, "param_ops") else ()):
+            param = getattr(cell, attr)
+            strategy = prim.in_strategy
+            if strategy is None:
+                raise ValueError(f"{param.name}: {cell_name}.{type(prim).__name__} has no strategy; shard it")
+            out[param.name] = _layout(type(prim).__name__, tuple(tuple(s) for s in strategy), index, param.name,
+                                      tuple(param.shape), _stage(stages, cell_name), stage_devices)
     return out
+
+
+def param_layouts(config: ModelConfig, parallel: ParallelConfig) -> dict[str, ParamLayout]:
+    """Every parameter's layout for `parallel` (a clear error when the layout does not fit the model)."""
+    return model_layouts(sharded_model(config, parallel))
+
+
+def _primitive(model, path: str):
+    node = model
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def check_strategies(model, batch: int, seq_length: int) -> int:
+    """Check every sharded primitive's strategy against its input shapes for a global batch of
+    `batch` sequences of `seq_length` tokens (`model.shard_shapes`): as many strategy entries as
+    dims, each dividing its dim. One error names the primitive, the input, the dim and the split.
+    Returns how many primitives were checked."""
+    shapes = model.shard_shapes(batch, seq_length)
+    for path, inputs in shapes.items():
+        strategy = _primitive(model, path).in_strategy
+        if strategy is None:
+            raise ValueError(f"{path}: no strategy set; CodeLlama.shard must shard it")
+        for i, (shape, split) in enumerate(zip(inputs, strategy)):
+            if not shape:
+                continue  # a scalar
+            if len(shape) != len(split):
+                raise ValueError(f"{path}: input {i} has shape {shape} but strategy {tuple(split)}")
+            for d, (size, parts) in enumerate(zip(shape, split)):
+                if size % parts:
+                    raise ValueError(f"{path}: input {i} of shape {shape} cannot be split {tuple(split)}: dim {d} "
+                                     f"({size}) is not a multiple of {parts}")
+    return len(shapes)
 
 
 # ---- node_strategy.proto ------------------------------------------------------------------------

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from cllama.checkpoint.model_dir import to_numpy
 from cllama.config import ModelConfig
-from cllama.model import MASK_VALUE, CodeLlama, DecoderLayer, causal_mask
+from cllama.layers import MASK_VALUE, causal_mask
+from cllama.model import CodeLlama, DecoderLayer
 from cllama.runtime import memory_gib
 
 log = logging.getLogger(__name__)
