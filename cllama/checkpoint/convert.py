@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cllama.checkpoint.ckpt_file import ITEMSIZE, CkptWriter
+from cllama.checkpoint.files import FORMATS, check_format, file_format, weights_file
 from cllama.checkpoint.names import check_names, model_order, ms_to_hf_name, param_shapes
 from cllama.checkpoint.safetensors_file import SafetensorsWriter, bf16_bits_to_float32, float32_to_bf16_bits
 from cllama.checkpoint.sources import TensorSource, hf_sources, hf_weight_files, meta_sources, ms_sources
@@ -130,13 +131,22 @@ def _distinct(src: Path, dst: Path) -> None:
 
 
 # ---- writers ------------------------------------------------------------------------------------
-def write_ckpt(sources: Sequence[TensorSource], path: Path, dtype: str | None = None,
-               progress: bool = True, desc: str = "convert") -> Path:
-    """Stream the sources into one MindSpore checkpoint (`path` appears only when complete)."""
+def write_weights(sources: Sequence[TensorSource], path: Path, dtype: str | None = None,
+                  progress: bool = True, desc: str = "convert") -> Path:
+    """Stream the sources into one weights file, a MindSpore .ckpt or (MindSpore's) safetensors by
+    `path`'s suffix (`path` appears only when complete)."""
     total = sum(s.nbytes // ITEMSIZE[s.dtype] * ITEMSIZE[dtype or s.dtype] for s in sources)
-    with _progress(total, desc, progress) as bar, CkptWriter(path) as writer:
+    if file_format(path) == "ckpt":
+        writer = CkptWriter(path)
+    else:  # the header MindSpore's save_checkpoint(format="safetensors") writes: metadata {"format": "ms"}
+        writer = SafetensorsWriter(path, [(s.name, _ST_CODES[dtype or s.dtype], s.shape) for s in sources],
+                                   metadata={"format": "ms"})
+    with _progress(total, desc, progress) as bar, writer:
         for s in sources:
-            writer.begin(s.name, s.shape, dtype or s.dtype)
+            if isinstance(writer, CkptWriter):
+                writer.begin(s.name, s.shape, dtype or s.dtype)
+            else:
+                writer.begin(s.name)
             for piece in _stream(s, dtype or s.dtype, bar):
                 writer.write(piece)
     return path
@@ -228,22 +238,24 @@ SOURCE_FORMATS = ("hf", "meta", "ms")  # what `convert` reads: Hugging Face, Met
 
 
 def _to_model_dir(src: Path, dst: Path, sources: Sequence[TensorSource], config: ModelConfig, dtype: str | None,
-                  label: str, progress: bool, desc: str, start: float) -> dict:
-    """Check the sources against the config and write the model directory."""
+                  label: str, progress: bool, desc: str, start: float, fmt: str) -> dict:
+    """Check the sources against the config and write the model directory (weights as `fmt`)."""
     check_sources(sources, config, label)
     warned = [check_vocab(src, config.vocab_size)]
     dst.mkdir(parents=True, exist_ok=True)
-    ckpt = write_ckpt(_model_order(sources, config), dst / "model.ckpt", dtype, progress, desc=desc)
+    ckpt = write_weights(_model_order(sources, config), dst / FORMATS[check_format(fmt)], dtype, progress, desc=desc)
+    for stale in set(FORMATS.values()) - {ckpt.name}:
+        (dst / stale).unlink(missing_ok=True)
     config.save(dst / "config.json")
     tok = _copy_tokenizer(src, dst)
     return _summary(dst, [ckpt], sources, config.param_init_type, start, warned) | {"tokenizer": tok and str(tok)}
 
 
 def hf_to_ms(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, fmt: str = "ckpt") -> dict:
     """Hugging Face Llama folder (config.json + safetensors / sharded / pytorch_model*.bin) ->
-    cllama model directory (config.json, model.ckpt, tokenizer.model if present). `dtype`
-    None keeps the stored dtype. Returns a summary dict."""
+    cllama model directory (config.json, model.ckpt or with fmt "safetensors" model.safetensors,
+    tokenizer.model if present). `dtype` None keeps the stored dtype. Returns a summary dict."""
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     _check_dtype(dtype)
@@ -256,11 +268,11 @@ def hf_to_ms(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None =
     config = ModelConfig.from_hf(src / "config.json", param_init_type=_uniform_dtype(sources, dtype))
     files = ", ".join(p.name for p in hf_weight_files(src))
     return _to_model_dir(src, dst, sources, config, dtype, f"{src} ({files} against config.json)", progress,
-                         "hf2ms", start)
+                         "hf2ms", start, fmt)
 
 
 def meta_to_ms(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,
-               seq_length: int = 16384, progress: bool = True) -> dict:
+               seq_length: int = 16384, progress: bool = True, fmt: str = "ckpt") -> dict:
     """Meta checkpoint folder (consolidated.NN.pth + params.json [+ tokenizer.model]) -> cllama
     model directory; shards concatenated, wq/wk permuted to rotate-half RoPE."""
     start = time.perf_counter()
@@ -272,7 +284,7 @@ def meta_to_ms(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None
     n = len(list(src.glob("consolidated.*.pth")))
     label = (f"{src} ({n} consolidated.NN.pth shard(s) against params.json; if shapes fall short, a shard "
              "may be missing)")
-    return _to_model_dir(src, dst, sources, config, dtype, label, progress, "meta2ms", start)
+    return _to_model_dir(src, dst, sources, config, dtype, label, progress, "meta2ms", start, fmt)
 
 
 def ms_to_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,
@@ -284,8 +296,9 @@ def ms_to_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None =
     _check_dtype(dtype)
     _distinct(src, dst)
     config = ModelConfig.load(src)
-    sources = ms_sources(src / "model.ckpt")
-    check_sources(sources, config, f"{src / 'model.ckpt'} (against config.json)")
+    weights = weights_file(src)
+    sources = ms_sources(weights)
+    check_sources(sources, config, f"{weights} (against config.json)")
     out_dtype = _uniform_dtype(sources, dtype)
     warned = [check_vocab(src, config.vocab_size)]
     ordered = _model_order(sources, config)
@@ -299,15 +312,16 @@ def ms_to_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None =
 
 
 def convert(source_format: str, src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,
-            max_shard_size: str | int = DEFAULT_SHARD_SIZE, progress: bool = True) -> dict:
-    """Convert `src` of `source_format` ('hf' or 'meta' -> a cllama model directory; 'ms', a model
-    directory -> a Hugging Face folder, sharded above `max_shard_size`). Returns a summary dict."""
+            max_shard_size: str | int = DEFAULT_SHARD_SIZE, progress: bool = True, fmt: str = "ckpt") -> dict:
+    """Convert `src` of `source_format` ('hf' or 'meta' -> a cllama model directory with weights as
+    `fmt`, ckpt or safetensors; 'ms', a model directory -> a Hugging Face folder, sharded above
+    `max_shard_size`). Returns a summary dict."""
     if source_format == "ms":
         return ms_to_hf(src, dst, dtype, max_shard_size, progress)
     if source_format == "hf":
-        return hf_to_ms(src, dst, dtype, progress)
+        return hf_to_ms(src, dst, dtype, progress, fmt)
     if source_format == "meta":
-        return meta_to_ms(src, dst, dtype, progress=progress)
+        return meta_to_ms(src, dst, dtype, progress=progress, fmt=fmt)
     raise ValueError(f"source format {source_format!r}: choose one of {list(SOURCE_FORMATS)}")
 
 
@@ -330,7 +344,7 @@ def read_sources(path: str | os.PathLike, fmt: str) -> list[TensorSource]:
     if fmt == "meta":
         return meta_sources(path)[0]
     if fmt == "ms":
-        return ms_sources(path / "model.ckpt" if path.is_dir() else path)
+        return ms_sources(path)
     raise ValueError(f"format {fmt!r}: choose one of {list(SOURCE_FORMATS)}")
 
 

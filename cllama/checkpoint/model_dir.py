@@ -1,7 +1,8 @@
 """Model directories and weights in and out of a CodeLlama: strict loading, saving, random models.
 
-A model directory holds `config.json` (ModelConfig, MindFormers keys), `model.ckpt` (MindSpore
-checkpoint, MindFormers names, model parameters only) and optionally `tokenizer.model`.
+A model directory holds `config.json` (ModelConfig, MindFormers keys), its weights as `model.ckpt`
+(MindSpore checkpoint) or `model.safetensors` (MindSpore's safetensors), MindFormers names, model
+parameters only (cllama.checkpoint.files), and optionally `tokenizer.model`.
 """
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
+from cllama.checkpoint.files import FORMATS, check_format, file_format, is_model_dir, weights_file
 from cllama.checkpoint.names import HF_IGNORED, check_names, hf_to_ms_name, is_training_state, param_shapes
 from cllama.config import ModelConfig
 from cllama.fileio import atomic_path, copy_file
 from cllama.layers import DTYPE
 from cllama.model import CodeLlama
-
-MODEL_FILE = "model.ckpt"
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -82,13 +82,26 @@ def state_dict(model: CodeLlama) -> dict[str, ms.Parameter]:
     return {name: p for name, p in model.parameters_and_names() if name in names}
 
 
-def save_model_dir(model: CodeLlama, path: str | os.PathLike,
-                   tokenizer_model: str | os.PathLike | None = None) -> Path:
-    """Write config.json + model.ckpt (+ tokenizer.model). Files appear only when complete."""
+def save_weights(params, path: str | os.PathLike, integrated_save: bool = True) -> Path:
+    """Write parameters ({name: Parameter} or a list of them) as a .ckpt or .safetensors file (the
+    suffix says which), atomically. integrated_save=False keeps each rank's own slices (sharded runs)."""
+    path = Path(path)
+    items = params.items() if isinstance(params, dict) else ((p.name, p) for p in params)
+    with atomic_path(path) as tmp:
+        ms.save_checkpoint([{"name": n, "data": p} for n, p in items], str(tmp), integrated_save=integrated_save,
+                           format=file_format(path))
+    return path
+
+
+def save_model_dir(model: CodeLlama, path: str | os.PathLike, tokenizer_model: str | os.PathLike | None = None,
+                   fmt: str = "ckpt") -> Path:
+    """Write config.json + model.ckpt or model.safetensors (`fmt`) (+ tokenizer.model); a weights file
+    of the other format is removed. Files appear only when complete."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path / MODEL_FILE) as tmp:
-        ms.save_checkpoint([{"name": n, "data": p} for n, p in state_dict(model).items()], str(tmp))
+    save_weights(state_dict(model), path / FORMATS[check_format(fmt)])
+    for other in set(FORMATS.values()) - {FORMATS[fmt]}:
+        (path / other).unlink(missing_ok=True)
     model.config.save(path / "config.json")
     if tokenizer_model is not None and Path(tokenizer_model).resolve() != (path / "tokenizer.model").resolve():
         copy_file(tokenizer_model, path / "tokenizer.model")
@@ -96,26 +109,27 @@ def save_model_dir(model: CodeLlama, path: str | os.PathLike,
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, ms.Parameter]:
-    """Model parameters of a MindSpore checkpoint; training-state entries are dropped."""
+    """Model parameters of a .ckpt or .safetensors file; training-state entries are dropped."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        loaded = ms.load_checkpoint(str(path))
+        loaded = ms.load_checkpoint(str(path), format=file_format(path))
     except (ValueError, RuntimeError) as err:
         raise ValueError(f"{path}: not a readable MindSpore checkpoint ({err})") from None
     return {n: p for n, p in loaded.items() if not is_training_state(n)}
 
 
 def load_model_dir(path: str | os.PathLike, compute_dtype=None, **overrides: Any) -> CodeLlama:
-    """Build a CodeLlama from a model directory (config.json + model.ckpt); strict on names."""
+    """Build a CodeLlama from a model directory (config.json + model.ckpt or model.safetensors);
+    strict on names."""
     path = Path(path)
     config = ModelConfig.load(path)
     if overrides:
         config = ModelConfig.from_dict({**config.to_dict(), **overrides}, source=str(path / "config.json"))
+    weights = weights_file(path)
     model = CodeLlama(config, compute_dtype=compute_dtype)
-    ckpt = path / MODEL_FILE
-    load_state_dict(model, read_checkpoint(ckpt), str(ckpt))
+    load_state_dict(model, read_checkpoint(weights), str(weights))
     model.set_train(False)
     return model
 
@@ -163,14 +177,13 @@ def model_or_random(model_dir: str | os.PathLike | None, out_dir: str | os.PathL
 
 
 def check_model_dir(path: str | os.PathLike, where: str = "") -> Path:
-    """`path` if it holds config.json and model.ckpt; else one clear error (prefixed with `where`, the
+    """`path` if it holds config.json and its weights; else one clear error (prefixed with `where`, the
     setting that named it)."""
     path = Path(path)
-    missing = [name for name in ("config.json", MODEL_FILE) if not (path / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{where}{path} is not a model directory (missing {', '.join(missing)}): a model "
-                                "directory holds config.json + model.ckpt; convert weights with `cllama convert "
-                                "hf2ms` or make one with `cllama model init`")
+    if not is_model_dir(path):
+        raise FileNotFoundError(f"{where}{path} is not a model directory: a model directory holds config.json and "
+                                "model.ckpt (or model.safetensors); convert weights with `cllama convert hf2ms` or "
+                                "make one with `cllama model init`")
     return path
 
 

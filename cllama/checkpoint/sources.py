@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from cllama.checkpoint.ckpt_file import ITEMSIZE, CkptFile
+from cllama.checkpoint.files import file_format, is_model_dir, weights_file
 from cllama.checkpoint.names import HF_IGNORED, META_IGNORED, hf_to_ms_name, is_training_state, meta_to_ms_name
 from cllama.checkpoint.safetensors_file import SafetensorsFile
 from cllama.config import ModelConfig
@@ -58,7 +59,7 @@ def hf_weight_files(src: Path) -> list[Path]:
     hint = ""
     if list(src.glob("consolidated.*.pth")):
         hint = "; it holds Meta consolidated.NN.pth files: use `cllama convert meta2ms`"
-    elif (src / "model.ckpt").exists():
+    elif is_model_dir(src):
         hint = "; it is a cllama model directory: use `cllama convert ms2hf`"
     raise FileNotFoundError(f"{src}: no model.safetensors, model.safetensors.index.json, "
                             f"pytorch_model.bin or pytorch_model.bin.index.json{hint}")
@@ -173,10 +174,14 @@ def release_pages(t, mapped: bool) -> None:
 
 
 # ---- MindSpore -------------------------------------------------------------------------------
-def ms_sources(ckpt: Path) -> list[TensorSource]:
-    """Model weights of a MindSpore checkpoint (training-state entries skipped)."""
-    f = CkptFile(ckpt)
-    return [TensorSource(n, f.shape(n), f.dtype(n), str(ckpt),
+def ms_sources(path: Path) -> list[TensorSource]:
+    """Model weights of a MindSpore .ckpt or safetensors file, MindFormers names (training-state
+    entries skipped); a model directory's weights file when given the directory."""
+    path = weights_file(path) if Path(path).is_dir() else Path(path)
+    if file_format(path) == "safetensors":
+        return [s for name, s in _safetensors_tensors(path) if not is_training_state(name)]
+    f = CkptFile(path)
+    return [TensorSource(n, f.shape(n), f.dtype(n), str(path),
                          lambda max_bytes, n=n: f.chunks(n, max_bytes))
             for n in f.keys() if not is_training_state(n)]
 

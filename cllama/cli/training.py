@@ -77,7 +77,7 @@ def _convert(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", convert.VocabularyWarning)  # listed in the summary below
         summary = convert.convert(CONVERSIONS[args.action][0], args.src, args.dst, args.dtype,
-                                  args.max_shard_size, progress=not args.no_progress)
+                                  args.max_shard_size, progress=not args.no_progress, fmt=args.format)
     for message in summary["warnings"]:
         print(f"cllama convert: warning: {message}", file=sys.stderr)
     print_json(summary)
@@ -128,12 +128,20 @@ def _ckpt_transform(args) -> int:
         print_json({"rank": args.rank, "checkpoint": str(out), "verified": False})
     else:
         print_json(transform(args.src, args.dst, args.src_strategy, dst_strategy, verify=not args.no_verify,
-                              overwrite=args.overwrite))
+                             overwrite=args.overwrite, fmt=args.format))
+    return 0
+
+
+def _ckpt_merge(args) -> int:
+    from cllama.distributed.transform import merge
+
+    print_json(merge(args.src, args.dst, args.strategy, overwrite=args.overwrite, fmt=args.format))
     return 0
 
 
 def add_checkpoints(sub) -> None:
     from cllama.checkpoint.convert import DEFAULT_SHARD_SIZE
+    from cllama.checkpoint.files import FORMATS
     from cllama.config import DTYPES, PRESETS
 
     cmds = sub.add_parser("convert", help="weights: Hugging Face / Meta <-> cllama model directory (streaming)") \
@@ -143,6 +151,8 @@ def add_checkpoints(sub) -> None:
         c.add_argument("--src", required=True, metavar=src)
         c.add_argument("--dst", required=True, metavar=dst)
         c.add_argument("--dtype", choices=DTYPES, help="output dtype (default: keep the stored one)")
+        c.add_argument("--format", choices=FORMATS, default="ckpt",
+                       help="hf2ms/meta2ms: model.ckpt (default) or model.safetensors (MindSpore's safetensors)")
         c.add_argument("--no-progress", action="store_true", help="no progress bar")
         c.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE,
                        help=f"ms2hf: shard above this size (default {DEFAULT_SHARD_SIZE})")
@@ -164,6 +174,14 @@ def add_checkpoints(sub) -> None:
     tr.add_argument("--rank", type=int, help="write only this destination rank (transform_checkpoint_by_rank)")
     tr.add_argument("--no-verify", action="store_true", help="skip the round-trip checksum verification")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    tr.add_argument("--format", choices=FORMATS, help="output format (default: the source's)")
+    mg = command(cmds, "merge", _ckpt_merge, "a sharded run's checkpoints/step_N/ (rank_K/ shards + strategy) "
+                                             "-> a model directory")
+    mg.add_argument("--src", required=True, help="the step folder: rank_K/ shards and strategy.ckpt")
+    mg.add_argument("--dst", required=True, help="model directory to write")
+    mg.add_argument("--strategy", help="the run's strategy file or per-stage folder (default: <src>/strategy.ckpt)")
+    mg.add_argument("--format", choices=FORMATS, help="output format (default: the shards')")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
 
 
 # ---- data ---------------------------------------------------------------------------------------

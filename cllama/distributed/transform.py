@@ -2,9 +2,11 @@
 re-shard between layouts, all through MindSpore's own engine (`mindspore.transform_checkpoints`,
 `transform_checkpoint_by_rank`), with a round-trip verification by checksums.
 
-A sharded checkpoint folder:  rank_0/checkpoint_0.ckpt ... rank_N/checkpoint_N.ckpt, strategy.ckpt
-(the merged strategy of the layout) and, when known, config.json and tokenizer.model.
-A full checkpoint: a model directory (config.json + model.ckpt) or one `.ckpt` file.
+A sharded checkpoint folder:  rank_0/checkpoint_0.ckpt ... rank_N/checkpoint_N.ckpt (or .safetensors),
+strategy.ckpt (the merged strategy of the layout) and, when known, config.json and tokenizer.model;
+a training step of a sharded run (checkpoints/step_N/) is one. A full checkpoint: a model directory
+(config.json + model.ckpt or model.safetensors) or one `.ckpt` / `.safetensors` file. Outputs are
+written in the source's format unless `fmt` says otherwise.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Union
 
 import numpy as np
 
+from cllama.checkpoint.files import FORMATS, SUFFIXES, file_format, is_model_dir, shard_file, weights_file
 from cllama.distributed.strategy import (
     ParamLayout,
     check_strategy,
@@ -39,24 +42,31 @@ StrategyArg = Union[str, os.PathLike, Mapping[str, ParamLayout], None]
 class Source:
     """What a checkpoint path holds."""
 
-    path: Path                 # the model dir, the `.ckpt` file's folder, or the sharded folder
-    ckpt: Path | None          # the full checkpoint file, or None when sharded
+    path: Path                 # the model dir, the weights file's folder, or the sharded folder
+    ckpt: Path | None          # the full weights file, or None when sharded
     strategy: StrategyArg      # the sharded folder's strategy (file, per-stage folder or layouts)
 
     @property
     def sharded(self) -> bool:
         return self.ckpt is None
 
+    @property
+    def fmt(self) -> str:
+        """'ckpt' or 'safetensors'."""
+        files = shard_files(self.path) if self.sharded else {0: self.ckpt}
+        return file_format(next(iter(files.values()))) if files else "ckpt"
+
 
 def find_source(src: str | os.PathLike, strategy: StrategyArg = None) -> Source:
-    """Classify `src`: a `.ckpt` file, a model directory (model.ckpt) or a `rank_X/` folder."""
+    """Classify `src`: a weights file, a model directory or a `rank_X/` folder."""
     src = Path(src)
     if src.is_file():
-        if src.suffix != ".ckpt":
-            raise ValueError(f"{src}: expected a MindSpore `.ckpt` file, a model directory or a folder of rank_X/")
+        if src.suffix not in SUFFIXES:
+            raise ValueError(f"{src}: expected a `.ckpt` or `.safetensors` file, a model directory or a folder of "
+                             "rank_X/")
         full = src
-    elif (src / "model.ckpt").is_file():
-        full = src / "model.ckpt"
+    elif is_model_dir(src):
+        full = weights_file(src)
     elif src.is_dir() and any(p.is_dir() and p.name[5:].isdigit() for p in src.glob("rank_*")):
         strategy = strategy or (src / STRATEGY_FILE if (src / STRATEGY_FILE).exists() else None)
         if strategy is None:
@@ -64,8 +74,8 @@ def find_source(src: str | os.PathLike, strategy: StrategyArg = None) -> Source:
                              "(the training job's strategy file, or the folder of its per-stage files)")
         return Source(src, None, strategy)
     else:
-        raise FileNotFoundError(f"{src}: no checkpoint (expected a .ckpt file, a model directory with "
-                                "model.ckpt, or a folder with rank_X/ subfolders)")
+        raise FileNotFoundError(f"{src}: no checkpoint (expected a .ckpt or .safetensors file, a model directory, "
+                                "or a folder with rank_X/ subfolders)")
     if strategy is not None:
         raise ValueError(f"{src}: a full checkpoint has no source strategy; drop --src-strategy")
     return Source(full.parent, full, None)
@@ -73,10 +83,10 @@ def find_source(src: str | os.PathLike, strategy: StrategyArg = None) -> Source:
 
 # ---- checksums ------------------------------------------------------------------------------------
 def checksums(path: str | os.PathLike) -> dict[str, str]:
-    """sha256 of every tensor (dtype, shape and bytes) in one checkpoint file."""
+    """sha256 of every tensor (dtype, shape and bytes) in one weights file (.ckpt or .safetensors)."""
     import mindspore as ms
 
-    return tensor_checksums(ms.load_checkpoint(str(path)))
+    return tensor_checksums(ms.load_checkpoint(str(path), format=file_format(path)))
 
 
 def tensor_checksums(params: Mapping) -> dict[str, str]:
@@ -98,12 +108,11 @@ def fingerprint(sums: Mapping[str, str]) -> str:
 
 
 def shard_files(folder: str | os.PathLike) -> dict[int, Path]:
-    """rank -> checkpoint file of a sharded folder (the last `.ckpt` in each rank_X/, as MindSpore picks)."""
+    """rank -> weights file of a sharded folder (cllama.checkpoint.files.shard_file of each rank_X/)."""
     out = {}
     for d in Path(folder).glob("rank_*"):
-        files = sorted(d.glob("*.ckpt"))
-        if d.is_dir() and d.name[5:].isdigit() and files:
-            out[int(d.name[5:])] = files[-1]
+        if d.is_dir() and d.name[5:].isdigit() and shard_file(d) is not None:
+            out[int(d.name[5:])] = shard_file(d)
     return dict(sorted(out.items()))
 
 
@@ -141,22 +150,44 @@ def _strategy_file(strategy: StrategyArg, work: Path, name: str) -> str | None:
 
 
 def _staged(source: Source, work: Path) -> str:
-    """A folder MindSpore reads as rank_X/*.ckpt: a full checkpoint becomes rank_0."""
-    if source.sharded:
-        return str(source.path.resolve())
-    rank0 = work / "full" / "rank_0"
-    rank0.mkdir(parents=True)
-    try:
-        os.symlink(source.ckpt.resolve(), rank0 / "model.ckpt")
-    except OSError:
-        shutil.copyfile(source.ckpt, rank0 / "model.ckpt")
-    return str(rank0.parent)
+    """A folder MindSpore reads as rank_X/checkpoint_X.ckpt holding only the weights (links; a
+    safetensors file converted): a full checkpoint becomes rank_0, a sharded one each rank's weights
+    (not its optimizer state)."""
+    from cllama.checkpoint.convert import write_weights
+    from cllama.checkpoint.sources import ms_sources
+
+    files = shard_files(source.path) if source.sharded else {0: source.ckpt}
+    root = work / f"staged-{len(list(work.glob('staged-*')))}"
+    for rank, path in files.items():
+        (root / f"rank_{rank}").mkdir(parents=True)
+        target = root / f"rank_{rank}" / f"{PREFIX}{rank}.ckpt"
+        if path.suffix == ".safetensors":
+            write_weights(ms_sources(path), target, progress=False)
+            continue
+        try:
+            os.symlink(path.resolve(), target)
+        except OSError:
+            shutil.copyfile(path, target)
+    return str(root)
 
 
-def _run(src_dir: str, out: Path, src_file: str | None, dst_file: str | None) -> None:
+def _run(src_dir: str, out: Path, src_file: str | None, dst_file: str | None, fmt: str) -> None:
+    """mindspore.transform_checkpoints in .ckpt, its outputs converted to `fmt` (MindSpore 2.10's own
+    safetensors output mis-slices column-split weights: wo and w2 shards differ from its .ckpt ones)."""
     import mindspore as ms
 
-    ms.transform_checkpoints(src_dir, str(out), PREFIX, src_file, dst_file)
+    from cllama.checkpoint.convert import write_weights
+    from cllama.checkpoint.sources import ms_sources
+
+    ms.transform_checkpoints(src_dir, str(out), PREFIX, src_file, dst_file, output_format="ckpt")
+    for path in out.glob("rank_*/*.ckpt") if fmt == "safetensors" else ():
+        write_weights(ms_sources(path), path.with_suffix(".safetensors"), progress=False)
+        path.unlink()
+
+
+def _merged_file(out: Path, fmt: str) -> Path:
+    """The full checkpoint a merge (no destination strategy) wrote into `out`."""
+    return out / "rank_0" / f"{PREFIX}0{'.ckpt' if fmt == 'ckpt' else '.safetensors'}"
 
 
 def _check_ranks(source: Source, src_file: str) -> None:
@@ -165,7 +196,7 @@ def _check_ranks(source: Source, src_file: str) -> None:
     missing = [r for r in range(need) if r not in have]
     if missing:
         raise ValueError(f"{source.path}: the strategy has {need} ranks but rank folders {missing[:8]} hold "
-                         "no .ckpt; copy every rank's checkpoint into <folder>/rank_X/")
+                         "no weights; copy every rank's checkpoint into <folder>/rank_X/")
     if len(have) > need:
         raise ValueError(f"{source.path}: {len(have)} rank folders but the source strategy covers {need} ranks; "
                          "for a pipeline job pass the strategy of every stage (the folder of their files)")
@@ -176,8 +207,8 @@ def _full_sums(source: Source, src_file: str | None, work: Path) -> dict[str, st
     if not source.sharded:
         return checksums(source.ckpt)
     merged = work / "merged_src"
-    _run(str(source.path.resolve()), merged, src_file, None)
-    return checksums(merged / "rank_0" / f"{PREFIX}0.ckpt")
+    _run(_staged(source, work), merged, src_file, None, source.fmt)
+    return checksums(_merged_file(merged, source.fmt))
 
 
 def _copy_side_files(source: Source, out: Path) -> None:
@@ -188,13 +219,14 @@ def _copy_side_files(source: Source, out: Path) -> None:
 
 def transform(src: str | os.PathLike, dst: str | os.PathLike, src_strategy: StrategyArg = None,
               dst_strategy: StrategyArg = None, verify: bool = True, overwrite: bool = False,
-              progress: bool = True) -> dict:
+              progress: bool = True, fmt: str | None = None) -> dict:
     """Split (full -> dst_strategy shards), merge (shards -> full model dir) or re-shard (A -> B).
 
     `src_strategy`/`dst_strategy`: a strategy file, a folder of per-stage files, or layouts from
     `cllama.distributed.strategy.param_layouts`. A sharded `src` defaults to its own strategy.ckpt.
-    With `verify`, the output is turned back the other way and compared by per-tensor checksums
-    before it is renamed into place. Returns a report (kind, ranks, tensors, fingerprint, seconds).
+    `fmt`: the output's format, ckpt or safetensors (default: the source's). With `verify`, the
+    output is turned back the other way and compared by per-tensor checksums before it is renamed
+    into place. Returns a report (kind, ranks, tensors, fingerprint, format, seconds).
     """
     from tqdm.auto import tqdm
 
@@ -206,6 +238,9 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, src_strategy: Stra
     if not source.sharded and dst_strategy is None:
         raise ValueError(f"{src}: already a full checkpoint; give --dst-strategy (or --dp/--mp/--pp) to split it")
     kind = "split" if not source.sharded else ("merge" if dst_strategy is None else "reshard")
+    fmt = fmt or source.fmt
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r}: choose one of {list(FORMATS)}")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(dst)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f"{dst.name}.work-") as work_dir:
@@ -218,25 +253,25 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, src_strategy: Stra
         else:  # a split: every tensor needs a layout that divides it
             import mindspore as ms
 
-            params = ms.load_checkpoint(str(source.ckpt))
+            params = ms.load_checkpoint(str(source.ckpt), format=source.fmt)
             label = "destination layout" if isinstance(dst_strategy, Mapping) else str(dst_strategy)
             check_strategy(read_strategy(dst_file), {n: tuple(p.shape) for n, p in params.items()}, label)
             src_sums = tensor_checksums(params) if verify else None
             del params
         steps = tqdm(total=2 if verify else 1, desc=f"ckpt {kind}", disable=not progress)
         try:
-            _run(_staged(source, work), tmp, src_file, dst_file)
+            _run(_staged(source, work), tmp, src_file, dst_file, fmt)
             steps.update(1)
             if dst_file is None:
-                shutil.move(str(tmp / "rank_0" / f"{PREFIX}0.ckpt"), tmp / "model.ckpt")
+                shutil.move(str(_merged_file(tmp, fmt)), tmp / FORMATS[fmt])
                 shutil.rmtree(tmp / "rank_0")
             else:
                 shutil.copyfile(dst_file, tmp / STRATEGY_FILE)
             _copy_side_files(source, tmp)
             report = {"kind": kind, "src": str(Path(src)), "dst": str(dst),
-                      "ranks": len(shard_files(tmp)) if dst_file else 1}
+                      "ranks": len(shard_files(tmp)) if dst_file else 1, "format": fmt}
             if verify:
-                report.update(_verify(source, tmp, src_file, dst_file, src_sums, work))
+                report.update(_verify(source, tmp, src_file, dst_file, src_sums, work, fmt))
                 steps.update(1)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -249,27 +284,28 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, src_strategy: Stra
 
 
 def _verify(source: Source, out: Path, src_file: str | None, dst_file: str | None,
-            src_sums: dict | None, work: Path) -> dict:
+            src_sums: dict | None, work: Path, fmt: str) -> dict:
     """Turn the output back the other way and compare checksums with the input."""
     if dst_file is not None:  # sharded output: merge it and compare with the full input
         merged = work / "merged_dst"
-        _run(str(out), merged, dst_file, None)
-        got = checksums(merged / "rank_0" / f"{PREFIX}0.ckpt")
+        _run(_staged(Source(out, None, dst_file), work), merged, dst_file, None, fmt)
+        got = checksums(_merged_file(merged, fmt))
         expected = src_sums if src_sums is not None else _full_sums(source, src_file, work)
         _compare(expected, got, "the merged output")
         return {"verified": True, "tensors": len(got), "fingerprint": fingerprint(got)}
     # full output: split it again with the source layout and compare every rank's shards
-    sums = checksums(out / "model.ckpt")
+    merged = out / FORMATS[fmt]
+    sums = checksums(merged)
     if (out / "config.json").is_file():  # every parameter of the model must be there
         import mindspore as ms
 
         from cllama.checkpoint.names import check_names, param_shapes
         from cllama.config import ModelConfig
 
-        shapes = {n: tuple(p.shape) for n, p in ms.load_checkpoint(str(out / "model.ckpt")).items()}
+        shapes = {n: tuple(p.shape) for n, p in ms.load_checkpoint(str(merged), format=fmt).items()}
         check_names(param_shapes(ModelConfig.load(out)), shapes, f"merged {source.path}")
     resplit = work / "resplit"
-    _run(_staged(find_source(out), work / "stage_out"), resplit, None, src_file)
+    _run(_staged(Source(out, merged, None), work), resplit, None, src_file, source.fmt)
     again, original = shard_files(resplit), shard_files(source.path)
     if sorted(again) != sorted(original):
         raise ValueError(f"verification failed: {source.path} has ranks {sorted(original)} but its strategy "
@@ -277,6 +313,13 @@ def _verify(source: Source, out: Path, src_file: str | None, dst_file: str | Non
     for rank, path in original.items():
         _compare(checksums(path), checksums(again[rank]), f"rank {rank}'s shards")
     return {"verified": True, "tensors": len(sums), "fingerprint": fingerprint(sums)}
+
+
+def merge(step_dir: str | os.PathLike, dst: str | os.PathLike, strategy: StrategyArg = None, overwrite: bool = False,
+          progress: bool = True, fmt: str | None = None) -> dict:
+    """A sharded checkpoint (a sharded run's checkpoints/step_N/: rank_K/ shards + the strategy file
+    MindSpore wrote) merged into a model directory, verified. `strategy` defaults to the folder's."""
+    return transform(step_dir, dst, src_strategy=strategy, overwrite=overwrite, progress=progress, fmt=fmt)
 
 
 def transform_rank(src: str | os.PathLike, rank: int, dst: str | os.PathLike,
@@ -288,6 +331,9 @@ def transform_rank(src: str | os.PathLike, rank: int, dst: str | os.PathLike,
 
     source = find_source(src, src_strategy)
     out = Path(dst) / f"rank_{rank}" / f"{PREFIX}{rank}.ckpt"
+    if source.fmt != "ckpt":
+        raise ValueError(f"{src}: transform_checkpoint_by_rank reads .ckpt shards; merge safetensors ones with "
+                         "`cllama ckpt transform` (all ranks) instead")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".work-") as work_dir:
         work = Path(work_dir)

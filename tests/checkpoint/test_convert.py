@@ -235,7 +235,7 @@ def test_peak_memory_is_bounded_by_a_tensor_not_the_model(tmp_path, rng, monkeyp
                for n in st.keys()]
     monkeypatch.setattr(convert, "CHUNK_BYTES", 1 << 20)
     tracemalloc.start()
-    convert.write_ckpt(sources, tmp_path / "w.ckpt", "float32", progress=False)
+    convert.write_weights(sources, tmp_path / "w.ckpt", "float32", progress=False)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert CkptFile(tmp_path / "w.ckpt").nbytes("t3") == 1024 * 2048 * 4
