@@ -15,7 +15,7 @@ from cllama.checkpoint.safetensors_file import SafetensorsFile
 from cllama.cli import main
 from cllama.config import ModelConfig
 from cllama.distributed.parallel import ParallelConfig
-from cllama.distributed.strategy import make_parallel, param_layouts, write_strategy
+from cllama.distributed.strategy import make_parallel, param_layouts
 from cllama.distributed.transform import checksums, shard_files, transform
 from cllama.generation.generator import Generator
 
@@ -50,7 +50,7 @@ def test_step_folder_of_rank_shards_merges_into_a_model_directory(eight_heads, t
     layouts = param_layouts(config, make_parallel(data_parallel=2, model_parallel=2))
     step = tmp_path / "checkpoints" / "step_4"
     transform(eight_heads, step, dst_strategy=layouts, progress=False)
-    for rank, path in shard_files(step).items():  # optimizer state sits beside each shard
+    for path in shard_files(step).values():  # optimizer state sits beside each shard
         ms.save_checkpoint([{"name": "adam_m.x", "data": ms.Tensor(np.ones(2, np.float32))}],
                            str(path.parent / "optimizer.ckpt"))
     assert main(["ckpt", "merge", "--src", str(step), "--dst", str(tmp_path / "model")]) == 0
