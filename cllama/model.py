@@ -231,6 +231,19 @@ class CodeLlama(nn.Cell):
         self.parallel = parallel
         return self
 
+    def set_recompute(self, layers: bool = True, select: bool = False, **options: bool) -> CodeLlama:
+        """Recompute activations in the backward pass instead of keeping them (MindFormers'
+        recompute_config): every decoder layer (`layers`; `options` are Cell.recompute's:
+        mp_comm_recompute, parallel_optimizer_comm_recompute, recompute_slice_activation), or with
+        `select` only the attention scores' mask-add and softmax (the largest activations)."""
+        for layer in self.model.layers:
+            if layers:
+                layer.recompute(**options)
+            elif select:
+                for prim in (layer.attention.mul_scale, layer.attention.add_mask, layer.attention.softmax):
+                    prim.recompute()
+        return self
+
     def shard_shapes(self, b: int, t: int) -> dict:
         """The input shapes of every sharded primitive, by its path in the model (e.g.
         `model.layers.3.attention.bmm_qk`), for a global batch of b sequences of t tokens:

@@ -44,6 +44,11 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     return (path / "config.json").is_file() and any((path / name).is_file() for name in FORMATS.values())
 
 
+def shard_name(rank: int, fmt: str = "ckpt") -> str:
+    """Rank K's weights file in MindFormers' layout: `checkpoint_K.ckpt` (or `.safetensors`)."""
+    return f"checkpoint_{rank}{Path(FORMATS[check_format(fmt)]).suffix}"
+
+
 def shard_file(rank_dir: str | os.PathLike) -> Path | None:
     """The weights file of a `rank_K/` folder (optimizer state beside it is skipped); the last by name
     when there are several; None when it holds none."""

@@ -253,6 +253,8 @@ def _train(args) -> int:
     overrides = parse_set(args.set)
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
+    if args.format:
+        overrides["callbacks.CheckpointMointor.checkpoint_format"] = args.format
     run = load_run_config(args.config, overrides)
     if args.check or args.print_msrun:
         plan = launch_plan(run, args.config, args.devices_per_node, args.master_addr, args.rank_table)
@@ -286,6 +288,8 @@ def add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--workers", type=int, default=1, help="data-parallel workers on this machine (>1: msrun)")
     p.add_argument("--output-dir", help="override output_dir")
+    p.add_argument("--format", choices=("ckpt", "safetensors"),
+                   help="what checkpoints are written as (the YAML's CheckpointMointor.checkpoint_format, default ckpt)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                    help="override YAML keys (values read as JSON, else text), e.g. runner_config.max_steps=100 "
                         "train_dataset.data_loader.dataset_dir=data/train.mindrecord")

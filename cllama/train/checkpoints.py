@@ -1,7 +1,8 @@
 """Training checkpoints: `<output>/checkpoints/step_<N>/` is a model directory (config.json,
-model.ckpt, tokenizer.model when known) plus `optimizer.ckpt` (adam_m.*, adam_v.*, global_step,
+model.ckpt or model.safetensors, tokenizer.model when known) plus `optimizer.ckpt` (adam_m.*, adam_v.*, global_step,
 scale_sense and the loss-scale counters: MindSpore/MindFormers names) and `trainer_state.json`. It is
 written under a temporary name and renamed when complete, so a kill never leaves a partial `step_<N>`.
+Runs whose ranks save their own slices write `step_<N>/rank_K/` instead (cllama.train.sharded).
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 import mindspore as ms
-from mindspore import Tensor
+from mindspore import Parameter, Tensor
 
+from cllama.checkpoint.files import file_format
 from cllama.checkpoint.model_dir import save_model_dir
 from cllama.fileio import install, read_json
 from cllama.model import CodeLlama
@@ -46,16 +48,18 @@ def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
 
 
 def save_checkpoint(root: str | os.PathLike, model: CodeLlama, optimizer: AdamW, step_cell: TrainStep,
-                    state: dict, tokenizer: Optional[str | os.PathLike] = None, keep: int = 0) -> Path:
-    """Write `root/step_<state['step']>/` atomically (temp dir, then rename); keep the newest `keep`
-    checkpoints (0 keeps all). Returns the checkpoint (a model directory)."""
+                    state: dict, tokenizer: Optional[str | os.PathLike] = None, keep: int = 0,
+                    fmt: str = "ckpt") -> Path:
+    """Write `root/step_<state['step']>/` atomically (temp dir, then rename), weights as model.ckpt or
+    model.safetensors (`fmt`); keep the newest `keep` checkpoints (0 keeps all). Returns the
+    checkpoint (a model directory)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state['step']}"
     tmp = root / f".step_{state['step']}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_model_dir(model, tmp, tokenizer)
+    save_model_dir(model, tmp, tokenizer, fmt)
     entries = [{"name": p.name, "data": p} for p in optimizer.state() + step_cell.state()]
     ms.save_checkpoint(entries, str(tmp / OPTIMIZER_CKPT))
     (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
@@ -82,23 +86,29 @@ def remove_partial_checkpoints(root: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def load_state(params: list[Parameter], path: str | os.PathLike) -> None:
+    """Set `params` from a checkpoint file (strict: every name present with its shape)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    saved = ms.load_checkpoint(str(path), format=file_format(path))
+    missing = [p.name for p in params if p.name not in saved]
+    if missing:
+        raise ValueError(f"{path}: lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+                         "the checkpoint was written by a different model, optimizer or layout")
+    for p in params:
+        value = saved[p.name]
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"{path}: {p.name} has shape {tuple(value.shape)}, expected {tuple(p.shape)}")
+        p.set_data(Tensor(value.asnumpy(), p.dtype))
+
+
 def load_checkpoint_state(path: str | os.PathLike, optimizer: AdamW, step_cell: TrainStep) -> dict:
     """Load optimizer and loss-scale state from a checkpoint; returns its trainer_state. Model
     weights are loaded separately (`cllama.checkpoint.model_dir.load_state_dict`)."""
     path = Path(path)
-    ckpt = path / OPTIMIZER_CKPT
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"{ckpt}: missing; {path} is not a training checkpoint (a model "
+    if not (path / OPTIMIZER_CKPT).is_file():
+        raise FileNotFoundError(f"{path / OPTIMIZER_CKPT}: missing; {path} is not a training checkpoint (a model "
                                 "directory alone cannot be resumed: start a new run from it instead)")
-    saved = ms.load_checkpoint(str(ckpt))
-    wanted = optimizer.state() + step_cell.state()
-    missing = [p.name for p in wanted if p.name not in saved]
-    if missing:
-        raise ValueError(f"{ckpt}: optimizer state lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
-                         "the checkpoint was written by a different model or optimizer config")
-    for p in wanted:
-        value = saved[p.name]
-        if tuple(value.shape) != tuple(p.shape):
-            raise ValueError(f"{ckpt}: {p.name} has shape {tuple(value.shape)}, expected {tuple(p.shape)}")
-        p.set_data(Tensor(value.asnumpy(), p.dtype))
+    load_state(optimizer.state() + step_cell.state(), path / OPTIMIZER_CKPT)
     return read_json(path / TRAINER_STATE, "trainer_state.json")

@@ -3,11 +3,13 @@
 `train(run)` trains in this process: on one device, or as one worker that msrun started
 (cllama.train.launch starts them).
 Outputs under `run.output_dir`: `metrics.jsonl` (one record per step, flushed as it goes),
-`checkpoints/step_<N>/` (model directory + optimizer.ckpt + trainer_state.json) and
-`run_config.yaml` (the document the run used). Only rank 0 writes them.
+`checkpoints/step_<N>/` (model directory + optimizer.ckpt + trainer_state.json; with
+integrated_save: False and under semi-auto parallel every rank's slices in rank_K/ + strategy.ckpt,
+see cllama.train.sharded) and `run_config.yaml` (the document the run used).
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -23,6 +25,7 @@ from cllama.train.metrics import read_metrics
 from cllama.train.runconfig import RunConfig, save_run_config
 
 MetricsCallback = Callable[[list], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,18 +95,32 @@ def _device(run: RunConfig) -> str:
     return init_context(want, "graph", seed=run.seed)
 
 
-def _build_model(run: RunConfig):
+def _build_model(run: RunConfig, lazy: bool = False):
+    """The model to train: random (seeded), or load_checkpoint's weights. `lazy` (a semi-auto run
+    that loads its slices after compiling) builds it without materialising any weights."""
     from cllama.checkpoint.model_dir import load_model_dir, random_model
+    from cllama.model import CodeLlama
 
+    if lazy:
+        from mindspore.nn.utils import no_init_parameters
+
+        with no_init_parameters():
+            return CodeLlama(run.model)
     if not run.load_checkpoint:
         return random_model(run.model, seed=run.seed)
+    return load_model_dir(run.load_checkpoint, seq_length=run.model.seq_length)
+
+
+def _check_start(run: RunConfig) -> None:
+    """load_checkpoint must hold the model the YAML describes."""
+    from cllama.config import ModelConfig
+
     path = Path(run.load_checkpoint)
-    model = load_model_dir(path, seq_length=run.model.seq_length)
+    config = ModelConfig.load(path)
     for key in ("hidden_size", "num_layers", "num_heads", "n_kv_heads", "vocab_size", "ffn_hidden_size"):
-        if getattr(model.config, key) != getattr(run.model, key):
+        if getattr(config, key) != getattr(run.model, key):
             raise ValueError(f"{run.source}: model.model_config.{key}={getattr(run.model, key)} but "
-                             f"{path}/config.json has {getattr(model.config, key)}; make them agree")
-    return model
+                             f"{path}/config.json has {getattr(config, key)}; make them agree")
 
 
 def _tokenizer_file(run: RunConfig) -> Optional[Path]:
@@ -121,20 +138,20 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
     """Train as the run config says. Resumes from the newest complete checkpoint when `resume`
     (default: the YAML's resume_training) and one exists. `on_metrics(records)` is called with all
     records so far every `metrics_every` steps and at the end (rank 0). Returns the TrainResult on
-    rank 0, None on other ranks."""
+    rank 0, None on other ranks.
+
+    Under semi-auto parallel (Ascend) the model carries the parallel_config's strategies and
+    pipeline stages, every rank reads the whole global batch (full_batch), saves its own slices
+    (cllama.train.sharded) and MindSpore's strategy file is kept with each step."""
     import mindspore as ms
     from mindspore import Tensor
     from tqdm.auto import tqdm
 
     from cllama.checkpoint.model_dir import check_model_dir
-    from cllama.train.checkpoints import (
-        latest_checkpoint,
-        load_checkpoint_state,
-        remove_partial_checkpoints,
-        save_checkpoint,
-    )
+    from cllama.train.checkpoints import latest_checkpoint, remove_partial_checkpoints
     from cllama.train.metrics import MetricsLog
     from cllama.train.optim import build_lr_schedule, build_optimizer
+    from cllama.train.sharded import SEMI_AUTO, run_strategy, strategy_save_config
     from cllama.train.steps import AccumulateStep, EvalStep, TrainStep
 
     if not run.train_data:
@@ -142,11 +159,18 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
                          "MindRecord file written by `cllama data ...`")
     if run.load_checkpoint:  # before any output is written
         check_model_dir(run.load_checkpoint, f"{run.source}: load_checkpoint: ")
+        _check_start(run)
     device = _device(run)
     env = init_parallel(run.parallel_config, run.parallel, run.model, device)  # no-op unless msrun started us
     if env.world == 1 and run.use_parallel and run.parallel_config.device_num > 1:
         raise ValueError(f"{run.source}: use_parallel with parallel_config for {run.parallel_config.device_num} "
                          "devices, but this is a single process; launch it with msrun (see `cllama train --check`)")
+    semi = env.mode in SEMI_AUTO
+    pc = run.parallel_config
+    micro = pc.micro_batch_num if semi and pc.pipeline_stage > 1 else 1
+    if semi and not run.parallel.get("full_batch", True):
+        raise ValueError(f"{run.source}: parallel.full_batch: False is not supported; set it to True (every rank "
+                         "reads the global batch and MindSpore splits it by the strategies)")
     out = Path(run.output_dir)
     ckpt_root = out / "checkpoints"
     resume = run.resume_training if resume is None else resume
@@ -154,18 +178,25 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
         out.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(ckpt_root)
         save_run_config(run, out / "run_config.yaml")
+    if semi:  # MindSpore writes each rank's strategy file when the step compiles
+        ms.set_auto_parallel_context(strategy_ckpt_config=strategy_save_config(out.resolve(), env.rank))
 
-    model = _build_model(run)
+    latest = latest_checkpoint(ckpt_root) if resume else None
+    model = _build_model(run, lazy=semi and bool(run.load_checkpoint or latest))
+    if semi:
+        model.shard(pc)
     model.set_train(True)
-    if run.recompute:
-        for layer in model.model.layers:
-            layer.recompute()
+    if run.recompute or run.select_recompute:
+        model.set_recompute(run.recompute, run.select_recompute, **run.recompute_options)
     optimizer = build_optimizer(run.optimizer, model.trainable_params())
-    step_cell = TrainStep(model, optimizer, run.max_grad_norm, run.accumulate, run.loss_scale, env.world)
+    step_cell = TrainStep(model, optimizer, run.max_grad_norm, run.accumulate, run.loss_scale,
+                          1 if semi else env.world, micro)
     accumulate_cell = AccumulateStep(step_cell) if run.accumulate > 1 else None
     tokenizer = _tokenizer_file(run)
 
-    global_batch = run.batch_size * env.world
+    # semi-auto: every rank feeds the global batch; data parallel: each its share of it
+    global_batch = run.batch_size * (pc.data_parallel * micro if semi else env.world)
+    feed_rank, feed_world = (0, 1) if semi else (env.rank, env.world)
     per_epoch = open_dataset(run.train_data, global_batch, run.shuffle, run.seed).get_dataset_size()
     if per_epoch < run.accumulate:
         raise ValueError(f"{run.train_data[0]}: {per_epoch} batches of {global_batch} per epoch, fewer than "
@@ -174,22 +205,29 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
     repeat = max(run.epochs, math.ceil(total * run.accumulate / per_epoch))
     schedule = build_lr_schedule(run.lr_schedule, total, source=f"{run.source}: lr_schedule")
 
-    start, samples = 0, 0
-    latest = latest_checkpoint(ckpt_root) if resume else None
-    if latest is not None:
-        from cllama.checkpoint.model_dir import load_state_dict, read_checkpoint
-
-        load_state_dict(model, read_checkpoint(latest / "model.ckpt"), str(latest / "model.ckpt"))
-        state = load_checkpoint_state(latest, optimizer, step_cell)
-        start, samples = state["step"], state["samples_consumed"]
-        if samples % global_batch:
-            raise ValueError(f"{latest}: {samples} samples consumed is not a whole number of global batches "
-                             f"of {global_batch}; resume with the batch size and worker count it was saved with")
+    sharded = semi or not run.integrated_save
+    strategy = None
+    if semi:  # compile first: the parameters are sliced and MindSpore has written the strategy files
+        ids, _ = next(rank_batches(open_dataset(run.train_data, global_batch, False), 0, 1))
+        step_cell.compile(Tensor(ids, ms.int32), Tensor(ids, ms.int32), Tensor(0.0, ms.float32))
+    if sharded:
+        strategy = run_strategy(out, env, model, pc)
+    start, samples = _restore(run, env, model, optimizer, step_cell, latest, semi, out, progress)
+    if samples % global_batch:
+        raise ValueError(f"{latest}: {samples} samples consumed is not a whole number of global batches "
+                         f"of {global_batch}; resume with the batch size and worker count it was saved with")
     consumed = samples // global_batch  # global micro-batches
     batches = rank_batches(open_dataset(run.train_data, global_batch, run.shuffle, run.seed, repeat),
-                           env.rank, env.world, skip=consumed)
-    evaluate = _evaluator(run, model, EvalStep) if (run.eval_data and env.is_main) else None
-    log = MetricsLog(out / "metrics.jsonl", after_step=start if latest is not None else None) if env.is_main else None
+                           feed_rank, feed_world, skip=consumed)
+    evaluate = None
+    if run.eval_data and micro > 1 and env.is_main:
+        log.warning("%s: no validation loss with pipeline stages (the eval graph would need its own "
+                    "pipeline); eval_dataset is skipped", run.source)
+    elif run.eval_data and (env.is_main or semi):  # semi-auto: every rank runs the (collective) eval graph
+        evaluate = _evaluator(run, model, EvalStep)
+    log_file = None
+    if env.is_main:
+        log_file = MetricsLog(out / "metrics.jsonl", after_step=start if latest is not None else None)
     records = list(read_metrics(out / "metrics.jsonl")) if env.is_main else []
     bar = tqdm(total=total, initial=start, disable=not (progress and env.is_main), desc="train", unit="step")
     seq_checked, last_state = False, None
@@ -227,21 +265,64 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
                       "gradient_accumulation_steps": run.accumulate, "world": env.world,
                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if env.is_main:
-            log.write(record)
+            log_file.write(record)
             records.append(record)
-            if run.save_steps and ((step + 1) % run.save_steps == 0) or last:
-                save_checkpoint(ckpt_root, model, optimizer, step_cell, last_state, tokenizer, run.keep_checkpoints)
-            if on_metrics is not None and ((step + 1) % metrics_every == 0 or last):
-                on_metrics(records)
+        if (run.save_steps and (step + 1) % run.save_steps == 0) or last:
+            _save(run, env, ckpt_root, model, optimizer, step_cell, last_state, tokenizer, strategy)
+        if env.is_main and on_metrics is not None and ((step + 1) % metrics_every == 0 or last):
+            on_metrics(records)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         bar.update(1)
     bar.close()
     if not env.is_main:
         return None
-    log.close()
+    log_file.close()
     if start >= total and on_metrics is not None:
         on_metrics(records)
     return summarize(out)
+
+
+def _restore(run: RunConfig, env, model, optimizer, step_cell, latest: Optional[Path], semi: bool, out: Path,
+             progress: bool) -> tuple[int, int]:
+    """Load what the run starts from: the newest checkpoint when resuming (a model directory + optimizer
+    state, or this rank's slices of a sharded step), else, under semi-auto parallel, this rank's slices
+    of load_checkpoint split into the run's layout. Returns (step, samples consumed)."""
+    from cllama.fileio import read_json
+    from cllama.train.checkpoints import TRAINER_STATE, load_checkpoint_state, load_state
+    from cllama.train.sharded import check_resumable, is_sharded_step, load_rank_slices, split_for_run
+
+    if latest is not None:
+        if is_sharded_step(latest):
+            state = read_json(latest / TRAINER_STATE, "trainer_state.json")
+            check_resumable(latest, state, env)
+            load_rank_slices(model, latest, env, optimizer, step_cell)
+        else:
+            from cllama.checkpoint.files import weights_file
+            from cllama.checkpoint.model_dir import state_dict
+
+            if semi:
+                raise ValueError(f"{latest}: a whole-model checkpoint cannot resume a semi-auto parallel run; "
+                                 f"start a new run with load_checkpoint: {latest}")
+            load_state(list(state_dict(model).values()), weights_file(latest))
+            state = load_checkpoint_state(latest, optimizer, step_cell)
+        return state["step"], state["samples_consumed"]
+    if semi and run.load_checkpoint:
+        strategy = Path(out) / "strategy" / "strategy.ckpt"
+        load_rank_slices(model, split_for_run(run.load_checkpoint, strategy, out, env, progress), env)
+    return 0, 0
+
+
+def _save(run: RunConfig, env, root: Path, model, optimizer, step_cell, state: dict, tokenizer, strategy) -> None:
+    """A whole-model checkpoint from rank 0, or every rank's slices (integrated_save: False, semi-auto)."""
+    from cllama.train.checkpoints import save_checkpoint
+    from cllama.train.sharded import save_sharded
+
+    if strategy is not None:
+        save_sharded(root, env, model, optimizer, step_cell, state, strategy, tokenizer, run.keep_checkpoints,
+                     run.checkpoint_format)
+    elif env.is_main:
+        save_checkpoint(root, model, optimizer, step_cell, state, tokenizer, run.keep_checkpoints,
+                        run.checkpoint_format)
 
 
 def _check_length(run: RunConfig, ids: np.ndarray, seq_length: int) -> None:

@@ -18,7 +18,6 @@ from typing import Optional
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common.initializer import initializer
 
 OPTIMIZERS = {"AdamW": True, "FP32StateAdamWeightDecay": False, "AdamWeightDecay": False}  # -> bias correction
 OPTIMIZER_KEYS = ("type", "beta1", "beta2", "eps", "weight_decay", "learning_rate")
@@ -183,8 +182,14 @@ def _adam_update(param, m, v, grad, lr, beta1, beta2, eps, decay, divisor) -> No
 
 
 def _state(param: Parameter, prefix: str) -> Parameter:
-    return Parameter(initializer("zeros", param.shape, ms.float32), name=f"{prefix}.{param.name}",
-                     requires_grad=False)
+    """A float32 zero buffer shaped like `param`, cloned from it so that under semi-auto parallel
+    it takes the parameter's layout (and its optimizer-parallel shard), as nn.Optimizer's states do."""
+    state = param.clone(init="zeros")
+    state.name = f"{prefix}.{param.name}"
+    state.requires_grad = False
+    if state.dtype != ms.float32:
+        state.set_dtype(ms.float32)
+    return state
 
 
 def optimizer_settings(block: dict, source: str = "optimizer") -> dict:

@@ -3,7 +3,8 @@
 Sections used: seed, output_dir, load_checkpoint, resume_training, run_mode, runner_config
 (epochs, batch_size, gradient_accumulation_steps, max_steps), optimizer, lr_schedule,
 train_dataset / eval_dataset (data_loader.dataset_dir), do_eval, eval_step_interval, use_parallel,
-parallel, parallel_config, recompute_config, callbacks (CheckpointMointor), context
+parallel, parallel_config, recompute_config (recompute, select_recompute and Cell.recompute's options),
+callbacks (CheckpointMointor: save_checkpoint_steps, keep_checkpoint_max, integrated_save, checkpoint_format), context
 (device_target), model.model_config, processor.tokenizer.vocab_file, runner_wrapper (use_clip_grad,
 max_grad_norm, scale_sense). Other MindFormers keys of the model card's YAML are accepted and ignored.
 """
@@ -32,6 +33,7 @@ TOP_LEVEL_KEYS = {
     "profile_memory", "layer_scale", "layer_decay", "lr_scale_factor", "remote_save_url", "eval_epoch_interval",
 }
 RUN_MODES = ("train", "finetune")
+RECOMPUTE_OPTIONS = ("mp_comm_recompute", "parallel_optimizer_comm_recompute", "recompute_slice_activation")
 CALLBACK_TYPES = ("MFLossMonitor", "CheckpointMointor", "CheckpointMonitor", "ObsMonitor", "SummaryMonitor")
 
 
@@ -63,10 +65,14 @@ class RunConfig:
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "CPU"
     recompute: bool = False
+    select_recompute: bool = False
+    recompute_options: dict = field(default_factory=dict)  # Cell.recompute's keyword arguments
     max_grad_norm: Optional[float] = 1.0
     loss_scale: Optional[dict] = None
     save_steps: int = 0
     keep_checkpoints: int = 5
+    integrated_save: bool = True  # False: every rank saves its own slices (always so under semi-auto parallel)
+    checkpoint_format: str = "ckpt"
     tokenizer: str = ""
 
     def parallel_settings(self, device: str = "Ascend", device_num: Optional[int] = None) -> dict:
@@ -195,7 +201,10 @@ def parse_run_config(doc: dict, source: str = "run config") -> RunConfig:
     run.device = str(context.get("device_target", "CPU"))
     if run.device not in ("CPU", "Ascend", "GPU", "auto"):
         raise bad("context.device_target", f"{run.device!r}; use CPU, Ascend, GPU or auto")
-    run.recompute = bool((doc.get("recompute_config") or {}).get("recompute", False))
+    recompute = doc.get("recompute_config") or {}
+    run.recompute = bool(recompute.get("recompute", False))
+    run.select_recompute = bool(recompute.get("select_recompute", False))
+    run.recompute_options = {k: bool(recompute[k]) for k in RECOMPUTE_OPTIONS if k in recompute}
     wrapper = doc.get("runner_wrapper") or {}
     run.max_grad_norm = float(wrapper.get("max_grad_norm", 1.0)) if wrapper.get("use_clip_grad", True) else None
     run.loss_scale = _loss_scale(wrapper.get("scale_sense"), bad)
@@ -207,6 +216,10 @@ def parse_run_config(doc: dict, source: str = "run config") -> RunConfig:
             run.save_steps = _int(cb.get("save_checkpoint_steps", 0), "CheckpointMointor.save_checkpoint_steps", bad, 0)
             run.keep_checkpoints = _int(cb.get("keep_checkpoint_max", 5), "CheckpointMointor.keep_checkpoint_max",
                                         bad, 0)
+            run.integrated_save = bool(cb.get("integrated_save", True))
+            run.checkpoint_format = str(cb.get("checkpoint_format", "ckpt"))
+            if run.checkpoint_format not in ("ckpt", "safetensors"):
+                raise bad("CheckpointMointor.checkpoint_format", f"{run.checkpoint_format!r}; use ckpt or safetensors")
     tokenizer = ((doc.get("processor") or {}).get("tokenizer") or {}).get("vocab_file")
     run.tokenizer = str(tokenizer or "")
     from cllama.train.optim import build_lr_schedule, optimizer_settings

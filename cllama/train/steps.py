@@ -1,5 +1,7 @@
 """Compiled training steps: one optimizer step as one graph (TrainStep), gradient accumulation
-(AccumulateStep) and validation loss (EvalStep)."""
+(AccumulateStep) and validation loss (EvalStep). With pipeline stages the step runs the loss
+through MindSpore's `Pipeline` cell (micro-batches) and, under semi-auto parallel, its
+`PipelineGradReducer`."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,6 +9,7 @@ from typing import Optional
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
+from mindspore.parallel.nn import Pipeline, PipelineGradReducer
 
 from cllama.model import CodeLlama
 from cllama.train.optim import AdamW, GlobalNorm
@@ -33,12 +36,24 @@ class TrainStep(nn.Cell):
     (float16 on Ascend) gradients are taken of loss * scale; a non-finite norm skips the update and
     MindSpore's DynamicLossScaleUpdateCell lowers the scale. With accumulate > 1, AccumulateStep
     adds the first accumulate-1 micro-batches' gradients into `accu_grads.*` buffers.
+
+    `world` > 1 is data parallel over that many ranks (gradients all-reduced here); under semi-auto
+    parallel MindSpore inserts the reductions itself and `world` stays 1. `micro_batches` > 1 splits
+    each batch into that many micro-batches through `mindspore.parallel.nn.Pipeline` (pipeline
+    parallel); the Pipeline cell sums their losses, so the step divides loss and gradients by
+    `micro_batches`. When the auto-parallel context has pipeline stages, MindSpore accumulates the
+    micro-batch gradients into the PipelineGradReducer's buffers, which the step then reads.
     """
 
     def __init__(self, model: CodeLlama, optimizer: AdamW, max_grad_norm: Optional[float] = 1.0,
-                 accumulate: int = 1, loss_scale: Optional[dict] = None, world: int = 1) -> None:
+                 accumulate: int = 1, loss_scale: Optional[dict] = None, world: int = 1,
+                 micro_batches: int = 1) -> None:
         super().__init__(auto_prefix=False)
-        self.network = LossCell(model)
+        if micro_batches > 1 and accumulate > 1:
+            raise ValueError("gradient_accumulation_steps must be 1 with pipeline stages: micro_batch_num "
+                             "micro-batches already accumulate gradients")
+        self.micro_batches = micro_batches
+        self.network = Pipeline(LossCell(model), micro_batches) if micro_batches > 1 else LossCell(model)
         self.optimizer = optimizer
         self.weights = optimizer.params
         self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
@@ -60,6 +75,10 @@ class TrainStep(nn.Cell):
         if world > 1:
             self.reducer = nn.DistributedGradReducer(self.weights, mean=True, degree=world)
             self.allreduce = ops.AllReduce()
+        self.pipelined = micro_batches > 1 and (ms.get_auto_parallel_context("pipeline_stages") or 1) > 1
+        if self.pipelined:
+            self.pipeline_reducer = PipelineGradReducer(self.weights)
+            self.pipeline_reducer.scale_sense.name = "pipeline_scale_sense"  # ours is scale_sense
 
     def state(self) -> list[Parameter]:
         """Loss-scale state to checkpoint (scale_sense and the update cell's counters)."""
@@ -76,11 +95,15 @@ class TrainStep(nn.Cell):
             for i in range(len(grads)):
                 summed = summed + (grads[i].astype(ms.float32) + self.accu[i],)
             grads = summed
+        if self.pipelined:
+            grads = self.pipeline_reducer(grads)
         if self.world > 1:
             grads = self.reducer(grads)
             loss = self.allreduce(loss) / self.world
+        if self.micro_batches > 1:
+            loss = loss / self.micro_batches
         raw_norm = self.norm(grads)
-        divisor = scale * self.accumulate
+        divisor = scale * self.accumulate * self.micro_batches
         norm = raw_norm / divisor
         if self.max_grad_norm > 0:
             divisor = divisor * ops.maximum((norm + 1e-6) / self.max_grad_norm, 1.0)
