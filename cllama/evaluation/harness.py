@@ -162,7 +162,7 @@ def task_table(records: Sequence[Mapping]):
 
 def evaluate(generator, out_dir: str | os.PathLike, limit: int | None = None, n_samples: int = 1,
              params: SamplingParams | None = None, prompt_style: str = "unstripped", infilling: str | None = None,
-             suffix_first: bool = False, ks: Sequence[int] = (1, 10, 100), workers: int | None = None,
+             suffix_first: bool = False, ks: Sequence[int] = (1, 10, 100), sandbox_workers: int | None = None,
              timeout: float = DEFAULT_TIMEOUT, batch_size: int = 8, progress: bool = True) -> dict:
     """Generate (resumably) into `<out_dir>/samples.jsonl`, score in the sandbox, write
     `samples.jsonl_results.jsonl`. Returns {metrics, samples, results, records}."""
@@ -170,7 +170,7 @@ def evaluate(generator, out_dir: str | os.PathLike, limit: int | None = None, n_
     samples = generate_samples(generator, tasks, Path(out_dir) / SAMPLES_FILE, n_samples, params, prompt_style,
                                suffix_first, batch_size, progress)
     rows = [r for r in he.read_samples(samples) if r["task_id"] in tasks]  # a larger earlier run
-    metrics, records = he.score(rows, tasks, ks, workers=workers, timeout=timeout, progress=progress)
+    metrics, records = he.score(rows, tasks, ks, workers=sandbox_workers, timeout=timeout, progress=progress)
     results = he.write_jsonl(he.results_path(samples), records)
     return {"metrics": metrics, "samples": samples, "results": results, "records": records}
 
@@ -178,21 +178,28 @@ def evaluate(generator, out_dir: str | os.PathLike, limit: int | None = None, n_
 def run_humaneval(model_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
                   limit: int | None = None, n_samples: int = 1, params: SamplingParams | None = None,
                   prompt_style: str = "unstripped", infilling: str | None = None, suffix_first: bool = False,
-                  ks: Sequence[int] = (1, 10, 100), workers: int | None = None, timeout: float = DEFAULT_TIMEOUT,
-                  batch_size: int = 8, progress: bool = True) -> dict:
-    """The evaluation stage: a model directory evaluated (`evaluate`) into out_dir. Returns evaluate's
-    dict plus the settings (`settings`) that write_eval_results records."""
-    from cllama.generation.generator import Generator
+                  ks: Sequence[int] = (1, 10, 100), sandbox_workers: int | None = None,
+                  timeout: float = DEFAULT_TIMEOUT, batch_size: int = 8, progress: bool = True,
+                  workers: int = 1) -> dict:
+    """The evaluation stage: a model directory (or a sharded folder, with workers > 1) evaluated
+    (`evaluate`) into out_dir; `workers` > 1 splits the model over that many devices (msrun workers,
+    Ascend/GPU; cllama.generation.remote). Returns evaluate's dict plus the settings (`settings`)
+    that write_eval_results records."""
+    from cllama.generation.remote import open_generator
 
     params = params or EVAL_PARAMS
-    generator = Generator.from_dir(model_dir, tokenizer_path=tokenizer)
-    run = evaluate(generator, out_dir, limit, n_samples, params, prompt_style, infilling, suffix_first, ks, workers,
-                   timeout, batch_size, progress)
+    generator = open_generator(model_dir, tokenizer, workers, log_dir=Path(out_dir) / "workers_log")
+    try:
+        run = evaluate(generator, out_dir, limit, n_samples, params, prompt_style, infilling, suffix_first, ks,
+                       sandbox_workers, timeout, batch_size, progress)
+    finally:
+        generator.close()
     run["settings"] = {"model_dir": str(model_dir), "tokenizer": str(tokenizer or ""), "limit": limit,
                        "n_samples": n_samples, "temperature": params.temperature, "top_p": params.top_p,
                        "max_new_tokens": params.max_new_tokens, "prompt_style": prompt_style,
                        "infilling": infilling or "", "suffix_first": suffix_first, "timeout": timeout,
-                       "batch_size": batch_size, "seed": params.seed, "isolation": run["metrics"]["isolation"]}
+                       "batch_size": batch_size, "seed": params.seed, "isolation": run["metrics"]["isolation"],
+                       "workers": workers}
     return run
 
 

@@ -62,6 +62,12 @@ def cache_bucket(n: int, max_length: int) -> int:
     return min(max_length, -(-n // 128) * 128)
 
 
+def bucket_shapes(n: int, longest: int, max_new_tokens: int, max_length: int) -> tuple[int, int, int]:
+    """(batch, prompt width, cache length) for n prompts, the longest `longest` tokens."""
+    width = min(prompt_bucket(longest), max_length - max_new_tokens)  # >= longest (checked before)
+    return batch_bucket(n), width, cache_bucket(width + max_new_tokens, max_length)
+
+
 # ---- weights and cache ---------------------------------------------------------------------------
 def _fused(name: str, weights, dtype, norm: Optional[Parameter] = None) -> Parameter:
     """One (in, out) Parameter holding [out, in] weights side by side; a preceding RMSNorm's
@@ -424,9 +430,7 @@ class Engine:
         self._steps: dict[tuple, Steps] = {}
 
     def shapes(self, n: int, longest: int, max_new_tokens: int, max_length: int) -> tuple[int, int, int]:
-        """(batch, prompt width, cache length) for n prompts, the longest `longest` tokens."""
-        width = min(prompt_bucket(longest), max_length - max_new_tokens)  # >= longest (checked before)
-        return batch_bucket(n), width, cache_bucket(width + max_new_tokens, max_length)
+        return bucket_shapes(n, longest, max_new_tokens, max_length)
 
     def steps_for(self, batch: int, length: int, logits: bool) -> Steps:
         """The compiled cells of a (batch, cache length) bucket, built on first use; greedy

@@ -112,6 +112,12 @@ class Generator:
         path = tokenizer_of(model_dir, tokenizer_path)
         return cls(load_model_dir(model_dir), Tokenizer(path) if path is not None else None, **kwargs)
 
+    def close(self) -> None:
+        """Stop the engine's worker processes, if it has any (cllama.generation.remote)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
     @property
     def fused(self) -> bool:
         """Whether the steps read a fused copy of the weights."""

@@ -5,39 +5,17 @@ from __future__ import annotations
 import copy
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+from cllama.distributed.msrun import free_port, msrun_command, msrun_env
 from cllama.distributed.parallel import parallel_mode_name
-from cllama.runtime import REPO_ROOT
 from cllama.train.loop import MetricsCallback, TrainResult, summarize, train
 from cllama.train.metrics import read_metrics
 from cllama.train.runconfig import RunConfig, parse_run_config, save_run_config, set_key
-
-
-def msrun_command(script_args: list[str], worker_num: int, local_worker_num: int | None = None,
-                  master_addr: str = "127.0.0.1", master_port: int = 8118, node_rank: int | None = None,
-                  log_dir: str = "msrun_log", join: bool = True, cluster_time_out: int = 600,
-                  rank_table_file: str | None = None) -> list[str]:
-    """An msrun command line (argv list). `script_args` is the worker command, e.g.
-    ["python", "-m", "cllama", "train", "--config", "run.yaml"]. `rank_table_file`: an HCCL rank
-    table (Ascend) for msrun's static networking."""
-    local = worker_num if local_worker_num is None else local_worker_num
-    if worker_num < 1 or not 1 <= local <= worker_num or worker_num % local:
-        raise ValueError(f"msrun: worker_num={worker_num} must be a positive multiple of "
-                         f"local_worker_num={local}")
-    cmd = ["msrun", f"--worker_num={worker_num}", f"--local_worker_num={local}",
-           f"--master_addr={master_addr}", f"--master_port={master_port}"]
-    if node_rank is not None:
-        cmd.append(f"--node_rank={node_rank}")
-    cmd += [f"--log_dir={log_dir}", f"--join={join}", f"--cluster_time_out={cluster_time_out}"]
-    if rank_table_file:
-        cmd.append(f"--rank_table_file={rank_table_file}")
-    return cmd + list(script_args)
 
 
 def cluster_commands(nodes: int, devices_per_node: int, master_addr: str, script_args: list[str],
@@ -50,12 +28,6 @@ def cluster_commands(nodes: int, devices_per_node: int, master_addr: str, script
     return [shlex.join(msrun_command(script_args, nodes * devices_per_node, devices_per_node, master_addr,
                                      master_port, node_rank=i, log_dir=log_dir, rank_table_file=rank_table_file))
             for i in range(nodes)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_command(config_path: str | os.PathLike, resume: bool = False) -> list[str]:
@@ -99,10 +71,7 @@ def launch(run: RunConfig, workers: int, resume: Optional[bool] = None, on_metri
                         node_rank=0 if nodes > 1 else None, log_dir=str(out / "msrun_log"),
                         rank_table_file=rank_table)
     cmd[0] = str(msrun) if msrun.exists() else "msrun"
-    env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    root = str(REPO_ROOT)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env = msrun_env()
     log_path = out / "msrun.log"
     seen = -1
     with open(log_path, "w") as log:

@@ -76,7 +76,7 @@ def test_sampling_is_seeded_per_task(tmp_path, generator):
 
 def test_infilling_run_scores_every_task(tmp_path, generator):
     run = evaluation.evaluate(generator, tmp_path, limit=1, params=SamplingParams(max_new_tokens=4),
-                              infilling="single-line", ks=(1,), workers=1, progress=False)
+                              infilling="single-line", ks=(1,), sandbox_workers=1, progress=False)
     ids = [r["task_id"] for r in run["records"]]
     assert ids == [f"SingleLineInfilling/HumanEval/0/L{i}" for i in (0, 1, 2, 3, 4, 5, 7)]
     assert 0.0 <= run["metrics"]["pass@1"] <= 1.0 and run["metrics"]["tasks"] == 7
@@ -87,7 +87,7 @@ def test_infilling_run_scores_every_task(tmp_path, generator):
 def test_cli_eval_humaneval_end_to_end(tmp_path, model_dir, capsys):
     out = tmp_path / "run"
     assert main(["eval", "humaneval", "--model", str(model_dir), "--limit", "2", "--max-new-tokens", "6",
-                 "--k", "1", "--workers", "1", "--out", str(out)]) == 0
+                 "--k", "1", "--sandbox-workers", "1", "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["tasks"] == 2 and 0.0 <= printed["pass@1"] <= 1.0
     assert printed["isolation"].endswith("rlimits")
@@ -98,7 +98,7 @@ def test_cli_eval_humaneval_end_to_end(tmp_path, model_dir, capsys):
 
 
 def test_notebook_runs_with_a_random_model(tmp_path):
-    results = run_notebook("06_evaluate_humaneval.ipynb", tmp_path, limit=2, max_new_tokens=6, workers=1)
+    results = run_notebook("06_evaluate_humaneval.ipynb", tmp_path, limit=2, max_new_tokens=6, sandbox_workers=1)
     assert results["stage"] == "evaluate_humaneval" and results["status"] == "ok"
     assert 0.0 <= results["metrics"]["pass@1"] <= 1.0 and results["metrics"]["tasks"] == 2
     assert results["figures"] and all(Path(f).is_file() for f in results["figures"])

@@ -142,7 +142,7 @@ def test_cli_score_writes_results_like_human_eval(tmp_path, problems, capsys):
             {"task_id": "HumanEval/0", "completion": "    return 1\n"},
             {"task_id": "SingleLineInfilling/HumanEval/1/L2", "completion": "    current_depth = 0\n"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main(["eval", "score", str(path), "--k", "1,2", "--workers", "1"]) == 0
+    assert main(["eval", "score", str(path), "--k", "1,2", "--sandbox-workers", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["pass@1"] == pytest.approx((0.5 + 1.0) / 2) and "pass@2" not in out  # task 2 has 1 sample
     written = [json.loads(line) for line in open(str(path) + "_results.jsonl")]

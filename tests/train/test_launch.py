@@ -7,8 +7,9 @@ import pytest
 
 from cllama.checkpoint.model_dir import read_checkpoint
 from cllama.config import ModelConfig
+from cllama.distributed.msrun import msrun_command
 from cllama.distributed.parallel import ParallelConfig, auto_parallel_settings, init_parallel, launched_by_msrun
-from cllama.train.launch import cluster_commands, launch, msrun_command
+from cllama.train.launch import cluster_commands, launch
 from cllama.train.loop import train
 from cllama.train.metrics import read_metrics
 from cllama.train.runconfig import load_run_config
