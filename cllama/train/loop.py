@@ -168,6 +168,10 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
     semi = env.mode in SEMI_AUTO
     pc = run.parallel_config
     micro = pc.micro_batch_num if semi and pc.pipeline_stage > 1 else 1
+    if semi and run.accumulate > 1:
+        raise ValueError(f"{run.source}: runner_config.gradient_accumulation_steps: {run.accumulate} is not supported "
+                         "under semi-auto parallel; set it to 1 and raise parallel_config.micro_batch_num (with "
+                         "pipeline stages) or runner_config.batch_size")
     if semi and not run.parallel.get("full_batch", True):
         raise ValueError(f"{run.source}: parallel.full_batch: False is not supported; set it to True (every rank "
                          "reads the global batch and MindSpore splits it by the strategies)")
