@@ -199,7 +199,8 @@ class ModelConfig:
     # ---- MindFormers YAML --------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> ModelConfig:
-        """Load the `model: model_config:` block of a MindFormers run YAML."""
+        """Load the `model: model_config:` block of a MindFormers run YAML (its pet_config, the LoRA
+        settings, is the run's: cllama.train.runconfig reads it)."""
         import yaml
 
         with open(path) as f:
@@ -209,6 +210,8 @@ class ModelConfig:
         except (KeyError, TypeError):
             raise ValueError(f"{path}: no `model: model_config:` block; add one with the model "
                              "keys (see configs/codellama/run_codellama_34b_910b.yaml)") from None
+        if isinstance(block, dict):
+            block = {k: v for k, v in block.items() if k != "pet_config"}
         return cls.from_dict({**block, **overrides}, source=f"{path}: model.model_config")
 
     # ---- Hugging Face config.json ------------------------------------------------------------

@@ -79,7 +79,11 @@ def causal_mask(t: int) -> Tensor:
 
 
 class Linear(nn.Cell):
-    """y = x @ weight.T with weight stored [out, in] (like HF and MindFormers), no bias."""
+    """y = x @ weight.T with weight stored [out, in] (like HF and MindFormers), no bias.
+
+    `add_lora(path, a_init, scaling, dropout)` gives it a LoRA adapter (MindFormers' names
+    `<path>.mindpet_delta_lora_a` (rank, in), `<path>.mindpet_delta_lora_b` (out, rank), float32,
+    B zero): y += scaling * dropout(x) A^T B^T, with the adapter matmuls sharded like the weight's."""
 
     def __init__(self, in_dim: int, out_dim: int, dtypes: Dtypes) -> None:
         super().__init__()
@@ -87,22 +91,55 @@ class Linear(nn.Cell):
         self.compute_dtype = dtypes.compute
         self.weight = Parameter(initializer(Normal(0.02), (out_dim, in_dim), dtypes.param), name="weight")
         self.matmul = ops.MatMul(transpose_b=True)
+        self.lora_rank = 0
+
+    def add_lora(self, path: str, a_init: np.ndarray, scaling: float, dropout: float = 0.0) -> None:
+        """An adapter of rank a_init.shape[0]: A = a_init, B = 0, parameters named under `path`."""
+        rank = a_init.shape[0]
+        self.lora_rank, self.lora_scaling = rank, scaling
+        self.mindpet_delta_lora_a = Parameter(Tensor(a_init, ms.float32))
+        self.mindpet_delta_lora_b = Parameter(Tensor(np.zeros((self.out_dim, rank), np.float32)))
+        self.mindpet_delta_lora_a.name = f"{path}.mindpet_delta_lora_a"  # the cell path, as MindFormers names them
+        self.mindpet_delta_lora_b.name = f"{path}.mindpet_delta_lora_b"
+        self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.lora_down, self.lora_up = ops.MatMul(transpose_b=True), ops.MatMul(transpose_b=True)
+        self.lora_scale, self.lora_add = ops.Mul(), ops.Add()
 
     def construct(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        y = self.matmul(x.reshape(-1, x.shape[-1]).astype(self.compute_dtype),
-                        self.weight.astype(self.compute_dtype))
+        rows = x.reshape(-1, x.shape[-1]).astype(self.compute_dtype)
+        y = self.matmul(rows, self.weight.astype(self.compute_dtype))
+        if self.lora_rank:
+            a = self.mindpet_delta_lora_a.astype(self.compute_dtype)
+            b = self.mindpet_delta_lora_b.astype(self.compute_dtype)
+            low = self.lora_down(self.lora_dropout(rows), a)
+            y = self.lora_add(y, self.lora_scale(self.lora_up(low, b), self.lora_scaling))
         return y.reshape(lead + (self.out_dim,))
 
     def shard(self, strategy: tuple, out_strategy: tuple | None = None) -> None:
-        """strategy ((rows, in), (out, in)) of the (N, in) x (out, in)^T MatMul."""
+        """strategy ((rows, in), (out, in)) of the (N, in) x (out, in)^T MatMul. An adapter follows it:
+        A splits `in` as the weight does, B splits `out` (MindFormers' LoRA layer)."""
         self.matmul.shard(in_strategy=strategy, out_strategy=out_strategy)
+        if self.lora_rank:
+            (dp, split_in), (split_out, _) = strategy
+            self.lora_down.shard(((dp, split_in), (1, split_in)))
+            self.lora_up.shard(((dp, 1), (split_out, 1)))
+            self.lora_scale.shard(((dp, split_out), ()))
+            self.lora_add.shard(((dp, split_out), (dp, split_out)))
 
     def param_ops(self) -> dict:
-        return {"weight": (self.matmul, 1)}
+        ops_of = {"weight": (self.matmul, 1)}
+        if self.lora_rank:
+            ops_of.update({"mindpet_delta_lora_a": (self.lora_down, 1), "mindpet_delta_lora_b": (self.lora_up, 1)})
+        return ops_of
 
     def shard_shapes(self, rows: int) -> dict:
-        return {"matmul": ((rows, self.in_dim), (self.out_dim, self.in_dim))}
+        shapes = {"matmul": ((rows, self.in_dim), (self.out_dim, self.in_dim))}
+        if self.lora_rank:
+            r, out = self.lora_rank, (rows, self.out_dim)
+            shapes.update({"lora_down": ((rows, self.in_dim), (r, self.in_dim)),
+                           "lora_up": ((rows, r), (self.out_dim, r)), "lora_scale": (out, ()), "lora_add": (out, out)})
+        return shapes
 
 
 class RMSNorm(nn.Cell):

@@ -1,7 +1,7 @@
 """The `cllama` command line: one subcommand group per stage, each a thin call into the library
 (handlers import lazily, so `cllama --help` loads no MindSpore). Defaults are the library's.
-Stages 00-05 (weights, data, training, checkpoints) are in `training`, 06-08 (evaluation,
-generation, export) in `inference`.
+Stages 00-05 (weights, data, training, checkpoints) are in `training`, LoRA adapters in `lora`, the
+memory planner in `plan`, 06-08 (evaluation, generation, export) in `inference`.
 
 Exit codes: 0 done; 2 bad input (one line naming the file, field and fix, no traceback); 1 a failure
 while running (one line); 130 interrupted.
@@ -65,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cllama", description="Code Llama research workbench on MindSpore")
     parser.add_argument("--version", action="version", version=f"cllama {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    from cllama.cli import inference, training
+    from cllama.cli import inference, lora, plan, training
 
-    for add in (training.add_model, training.add_checkpoints, training.add_data, training.add_train,
-                inference.add_inference, add_run):
+    for add in (training.add_model, training.add_checkpoints, lora.add_lora, training.add_data, training.add_train,
+                plan.add_plan, inference.add_inference, add_run):
         add(sub)
     return parser
 

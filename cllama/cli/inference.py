@@ -34,7 +34,7 @@ def _eval_humaneval(args) -> int:
 
     run = run_humaneval(args.model, args.out, args.tokenizer, args.limit, args.n_samples, _sampling(args),
                         args.prompt_style, args.infilling, args.suffix_first, parse_ks(args.k), args.sandbox_workers,
-                        args.timeout, args.batch_size, workers=args.workers)
+                        args.timeout, args.batch_size, workers=args.workers, adapter=args.adapter)
     write_eval_results(args.out, run)
     print_json({**run["metrics"], "samples_file": str(run["samples"]), "results": str(run["results"])})
     return 0
@@ -48,7 +48,7 @@ def _generate(args) -> int:
         raise ValueError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     if args.prompt_ids is not None and args.mode != "completion":
         raise ValueError("--prompt-ids feeds ids as they are: use it with --mode completion")
-    gen = open_generator(args.model, args.tokenizer, args.workers)
+    gen = open_generator(args.model, args.tokenizer, args.workers, adapter=args.adapter)
     try:
         return _generate_with(gen, args)
     finally:
@@ -137,6 +137,7 @@ def add_inference(sub) -> None:
     for p in (run, gen):
         p.add_argument("--workers", type=int, default=1,
                        help="devices the model is split over (model_parallel, msrun workers; >1 needs Ascend/GPU)")
+        p.add_argument("--adapter", help="a LoRA adapter directory for --model (merged into it in memory)")
     gen.add_argument("--model", required=True, help="model directory (config.json + model.ckpt), or with --workers "
                                                     "a sharded folder (rank_K/ + strategy.ckpt)")
     gen.add_argument("--tokenizer", help="tokenizer.model (default: the model directory's)")

@@ -85,15 +85,19 @@ def make_parallel(data_parallel: int = 1, model_parallel: int = 1, pipeline_stag
                           vocab_emb_dp=vocab_emb_dp)
 
 
-def sharded_model(config: ModelConfig, parallel: ParallelConfig):
-    """A CodeLlama of `config` with `parallel`'s strategies, its weights never allocated (34B takes
-    half a second and no memory): what layouts and strategy checks read."""
+def sharded_model(config: ModelConfig, parallel: ParallelConfig, lora=None):
+    """A CodeLlama of `config` (with `lora`'s adapters, a LoraConfig) with `parallel`'s strategies, its
+    weights never allocated (34B takes half a second and no memory): what layouts and strategy checks read."""
     from mindspore.nn.utils import no_init_parameters
 
     from cllama.model import CodeLlama
 
     with no_init_parameters():
         model = CodeLlama(config)
+    if lora is not None:
+        from cllama.checkpoint.adapter import add_lora
+
+        add_lora(model, lora)
     return model.shard(parallel)
 
 
@@ -158,9 +162,10 @@ def model_layouts(model) -> dict[str, ParamLayout]:
     return out
 
 
-def param_layouts(config: ModelConfig, parallel: ParallelConfig) -> dict[str, ParamLayout]:
-    """Every parameter's layout for `parallel` (a clear error when the layout does not fit the model)."""
-    return model_layouts(sharded_model(config, parallel))
+def param_layouts(config: ModelConfig, parallel: ParallelConfig, lora=None) -> dict[str, ParamLayout]:
+    """Every parameter's layout for `parallel` (a clear error when the layout does not fit the model),
+    LoRA adapters included when `lora` (a LoraConfig) is given."""
+    return model_layouts(sharded_model(config, parallel, lora))
 
 
 def _primitive(model, path: str):

@@ -4,7 +4,8 @@ re-shard between layouts, all through MindSpore's own engine (`mindspore.transfo
 
 A sharded checkpoint folder:  rank_0/checkpoint_0.ckpt ... rank_N/checkpoint_N.ckpt (or .safetensors),
 strategy.ckpt (the merged strategy of the layout) and, when known, config.json and tokenizer.model;
-a training step of a sharded run (checkpoints/step_N/) is one. A full checkpoint: a model directory
+a training step of a sharded run (checkpoints/step_N/) is one (a LoRA run's step holds adapter slices
+and adapter_config.json, and merges into an adapter directory). A full checkpoint: a model directory
 (config.json + model.ckpt or model.safetensors) or one `.ckpt` / `.safetensors` file. Outputs are
 written in the source's format unless `fmt` says otherwise.
 """
@@ -23,6 +24,7 @@ from typing import Union
 import numpy as np
 
 from cllama.checkpoint.files import FORMATS, SUFFIXES, file_format, is_model_dir, shard_file, weights_file
+from cllama.checkpoint.lora import ADAPTER_CONFIG, ADAPTER_FORMATS
 from cllama.distributed.strategy import (
     ParamLayout,
     check_strategy,
@@ -212,9 +214,14 @@ def _full_sums(source: Source, src_file: str | None, work: Path) -> dict[str, st
 
 
 def _copy_side_files(source: Source, out: Path) -> None:
-    for name in ("config.json", "tokenizer.model"):
+    for name in ("config.json", "tokenizer.model", ADAPTER_CONFIG):
         if (source.path / name).is_file():
             shutil.copyfile(source.path / name, out / name)
+
+
+def _full_name(folder: Path, fmt: str) -> str:
+    """What a merged checkpoint is called: model.ckpt/.safetensors, or adapter.* for a LoRA run's step."""
+    return (ADAPTER_FORMATS if (folder / ADAPTER_CONFIG).is_file() else FORMATS)[fmt]
 
 
 def transform(src: str | os.PathLike, dst: str | os.PathLike, src_strategy: StrategyArg = None,
@@ -262,12 +269,12 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, src_strategy: Stra
         try:
             _run(_staged(source, work), tmp, src_file, dst_file, fmt)
             steps.update(1)
+            _copy_side_files(source, tmp)
             if dst_file is None:
-                shutil.move(str(_merged_file(tmp, fmt)), tmp / FORMATS[fmt])
+                shutil.move(str(_merged_file(tmp, fmt)), tmp / _full_name(tmp, fmt))
                 shutil.rmtree(tmp / "rank_0")
             else:
                 shutil.copyfile(dst_file, tmp / STRATEGY_FILE)
-            _copy_side_files(source, tmp)
             report = {"kind": kind, "src": str(Path(src)), "dst": str(dst),
                       "ranks": len(shard_files(tmp)) if dst_file else 1, "format": fmt}
             if verify:
@@ -294,16 +301,21 @@ def _verify(source: Source, out: Path, src_file: str | None, dst_file: str | Non
         _compare(expected, got, "the merged output")
         return {"verified": True, "tensors": len(got), "fingerprint": fingerprint(got)}
     # full output: split it again with the source layout and compare every rank's shards
-    merged = out / FORMATS[fmt]
+    merged = out / _full_name(out, fmt)
     sums = checksums(merged)
-    if (out / "config.json").is_file():  # every parameter of the model must be there
+    if (out / "config.json").is_file():  # every parameter of the model (or every adapter) must be there
         import mindspore as ms
 
+        from cllama.checkpoint.lora import LoraConfig, adapter_dir_config, adapter_shapes
         from cllama.checkpoint.names import check_names, param_shapes
         from cllama.config import ModelConfig
 
+        config = ModelConfig.load(out)
+        expected = param_shapes(config)
+        if (out / ADAPTER_CONFIG).is_file():
+            expected = adapter_shapes(config, LoraConfig.from_pet_config(adapter_dir_config(out)["pet_config"]))
         shapes = {n: tuple(p.shape) for n, p in ms.load_checkpoint(str(merged), format=fmt).items()}
-        check_names(param_shapes(ModelConfig.load(out)), shapes, f"merged {source.path}")
+        check_names(expected, shapes, f"merged {source.path}")
     resplit = work / "resplit"
     _run(_staged(Source(out, merged, None), work), resplit, None, src_file, source.fmt)
     again, original = shard_files(resplit), shard_files(source.path)

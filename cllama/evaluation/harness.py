@@ -180,22 +180,23 @@ def run_humaneval(model_dir: str | os.PathLike, out_dir: str | os.PathLike, toke
                   prompt_style: str = "unstripped", infilling: str | None = None, suffix_first: bool = False,
                   ks: Sequence[int] = (1, 10, 100), sandbox_workers: int | None = None,
                   timeout: float = DEFAULT_TIMEOUT, batch_size: int = 8, progress: bool = True,
-                  workers: int = 1) -> dict:
-    """The evaluation stage: a model directory (or a sharded folder, with workers > 1) evaluated
-    (`evaluate`) into out_dir; `workers` > 1 splits the model over that many devices (msrun workers,
-    Ascend/GPU; cllama.generation.remote). Returns evaluate's dict plus the settings (`settings`)
-    that write_eval_results records."""
+                  workers: int = 1, adapter: str | os.PathLike | None = None) -> dict:
+    """The evaluation stage: a model directory (or a sharded folder, with workers > 1), with a LoRA
+    `adapter` directory merged in memory when given, evaluated (`evaluate`) into out_dir; `workers` > 1
+    splits the model over that many devices (msrun workers, Ascend/GPU; cllama.generation.remote).
+    Returns evaluate's dict plus the settings (`settings`) that write_eval_results records."""
     from cllama.generation.remote import open_generator
 
     params = params or EVAL_PARAMS
-    generator = open_generator(model_dir, tokenizer, workers, log_dir=Path(out_dir) / "workers_log")
+    generator = open_generator(model_dir, tokenizer, workers, log_dir=Path(out_dir) / "workers_log", adapter=adapter)
     try:
         run = evaluate(generator, out_dir, limit, n_samples, params, prompt_style, infilling, suffix_first, ks,
                        sandbox_workers, timeout, batch_size, progress)
     finally:
         generator.close()
-    run["settings"] = {"model_dir": str(model_dir), "tokenizer": str(tokenizer or ""), "limit": limit,
-                       "n_samples": n_samples, "temperature": params.temperature, "top_p": params.top_p,
+    run["settings"] = {"model_dir": str(model_dir), "adapter": str(adapter or ""),
+                       "tokenizer": str(tokenizer or ""), "limit": limit, "n_samples": n_samples,
+                       "temperature": params.temperature, "top_p": params.top_p,
                        "max_new_tokens": params.max_new_tokens, "prompt_style": prompt_style,
                        "infilling": infilling or "", "suffix_first": suffix_first, "timeout": timeout,
                        "batch_size": batch_size, "seed": params.seed, "isolation": run["metrics"]["isolation"],

@@ -104,13 +104,15 @@ class Generator:
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
-                 **kwargs) -> Generator:
-        """Load a model directory; the tokenizer from tokenizer_path, else model_dir/tokenizer.model
+                 adapter: str | os.PathLike | None = None, **kwargs) -> Generator:
+        """Load a model directory, with a LoRA adapter directory merged into its weights in memory
+        when `adapter` is given; the tokenizer from tokenizer_path, else model_dir/tokenizer.model
         when present, else none (then only ids in and out)."""
-        from cllama.checkpoint.model_dir import load_model_dir, tokenizer_of
+        from cllama.checkpoint.adapter import model_with_adapter
+        from cllama.checkpoint.model_dir import tokenizer_of
 
         path = tokenizer_of(model_dir, tokenizer_path)
-        return cls(load_model_dir(model_dir), Tokenizer(path) if path is not None else None, **kwargs)
+        return cls(model_with_adapter(model_dir, adapter), Tokenizer(path) if path is not None else None, **kwargs)
 
     def close(self) -> None:
         """Stop the engine's worker processes, if it has any (cllama.generation.remote)."""

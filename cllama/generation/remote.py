@@ -142,9 +142,10 @@ class RemoteEngine:
 
 
 def open_generator(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None, workers: int = 1,
-                   log_dir: str | os.PathLike | None = None):
-    """A Generator for a model directory: in this process on one device (workers=1), else over
-    `workers` msrun workers holding the model split model_parallel=workers (Ascend/GPU)."""
+                   log_dir: str | os.PathLike | None = None, adapter: str | os.PathLike | None = None):
+    """A Generator for a model directory (with a LoRA `adapter` directory merged in memory): in this
+    process on one device (workers=1), else over `workers` msrun workers holding the model split
+    model_parallel=workers (Ascend/GPU)."""
     from cllama.checkpoint.model_dir import tokenizer_of
     from cllama.generation.distributed import require_devices
     from cllama.generation.generator import Generator
@@ -152,6 +153,9 @@ def open_generator(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | 
 
     require_devices(workers)
     if workers == 1:
-        return Generator.from_dir(model_dir, tokenizer)
+        return Generator.from_dir(model_dir, tokenizer, adapter)
+    if adapter:
+        raise ValueError(f"--adapter {adapter}: with workers above 1 merge it first (`cllama lora merge`), then "
+                         "split the merged model with `cllama ckpt transform`")
     path: Optional[Path] = tokenizer_of(model_dir, tokenizer)
     return Generator(RemoteEngine(model_dir, workers, log_dir), Tokenizer(path) if path is not None else None)

@@ -2,7 +2,8 @@
 model.ckpt or model.safetensors, tokenizer.model when known) plus `optimizer.ckpt` (adam_m.*, adam_v.*, global_step,
 scale_sense and the loss-scale counters: MindSpore/MindFormers names) and `trainer_state.json`. It is
 written under a temporary name and renamed when complete, so a kill never leaves a partial `step_<N>`.
-Runs whose ranks save their own slices write `step_<N>/rank_K/` instead (cllama.train.sharded).
+Runs whose ranks save their own slices write `step_<N>/rank_K/` instead (cllama.train.sharded). A LoRA
+run's step holds its adapters (an adapter directory, cllama.checkpoint.adapter), not the frozen base.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Optional
 import mindspore as ms
 from mindspore import Parameter, Tensor
 
+from cllama.checkpoint.adapter import lora_of, write_adapter_files
 from cllama.checkpoint.files import file_format
 from cllama.checkpoint.model_dir import save_model_dir
 from cllama.fileio import install, read_json
@@ -49,17 +51,21 @@ def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
 
 def save_checkpoint(root: str | os.PathLike, model: CodeLlama, optimizer: AdamW, step_cell: TrainStep,
                     state: dict, tokenizer: Optional[str | os.PathLike] = None, keep: int = 0,
-                    fmt: str = "ckpt") -> Path:
+                    fmt: str = "ckpt", base_dir: Optional[str | os.PathLike] = None) -> Path:
     """Write `root/step_<state['step']>/` atomically (temp dir, then rename), weights as model.ckpt or
-    model.safetensors (`fmt`); keep the newest `keep` checkpoints (0 keeps all). Returns the
-    checkpoint (a model directory)."""
+    model.safetensors (`fmt`), or for a LoRA model its adapters (adapter.ckpt/.safetensors +
+    adapter_config.json naming `base_dir`); keep the newest `keep` checkpoints (0 keeps all). Returns
+    the checkpoint (a model directory, or an adapter directory)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state['step']}"
     tmp = root / f".step_{state['step']}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_model_dir(model, tmp, tokenizer, fmt)
+    if lora_of(model):
+        write_adapter_files(model, tmp, base_dir, fmt)
+    else:
+        save_model_dir(model, tmp, tokenizer, fmt)
     entries = [{"name": p.name, "data": p} for p in optimizer.state() + step_cell.state()]
     ms.save_checkpoint(entries, str(tmp / OPTIMIZER_CKPT))
     (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")

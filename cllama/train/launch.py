@@ -3,6 +3,7 @@ machine through msrun, and the one entry point notebooks and the CLI use (`train
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shlex
 import subprocess
@@ -115,13 +116,26 @@ def train_or_launch(run: RunConfig, workers: int = 1, nodes: int = 1, master_add
 def launch_plan(run: RunConfig, config_path: str | os.PathLike, devices_per_node: int = 8,
                 master_addr: str = "127.0.0.1", rank_table: Optional[str] = None) -> dict:
     """What a run would do, checked without training: parameters, device count, the
-    `set_auto_parallel_context` settings (validated against the model) and one msrun line per node."""
+    `set_auto_parallel_context` settings (validated against the model), one msrun line per node, and
+    on Ascend/GPU the per-rank memory plan of its layout."""
     devices = run.parallel_config.device_num if run.use_parallel else 1
     per_node = min(devices, devices_per_node)
-    return {"config": str(config_path), "params": run.model.num_params(), "device": run.device, "device_num": devices,
+    plan = {"config": str(config_path), "params": run.model.num_params(), "device": run.device, "device_num": devices,
             "auto_parallel_context": run.parallel_settings(run.device, devices),
             "msrun": cluster_commands(-(-devices // per_node), per_node, master_addr, worker_command(config_path),
                                       rank_table_file=rank_table)}
+    if run.lora is not None:
+        from cllama.checkpoint.lora import adapter_shapes
+
+        trainable = sum(math.prod(s) for s in adapter_shapes(run.model, run.lora).values())
+        plan["peft"] = {**run.lora.to_pet_config(), "trainable_params": trainable,
+                        "trainable_fraction": round(trainable / run.model.num_params(), 6)}
+    if run.device != "CPU":  # per-rank memory of the layout (cllama.distributed.planner)
+        from cllama.distributed.planner import GB, plan_run, plan_table
+
+        memory = plan_run(run, devices)
+        plan["memory_plan_gb"] = {**plan_table(memory)[0], "usable": round(memory["usable_bytes"] / GB, 2)}
+    return plan
 
 
 def _report(out: Path, on_metrics: Optional[MetricsCallback], seen: int) -> int:

@@ -95,9 +95,14 @@ def _device(run: RunConfig) -> str:
     return init_context(want, "graph", seed=run.seed)
 
 
+RUN_MODEL_KEYS = ("seq_length", "param_init_type", "compute_dtype", "layernorm_compute_type", "softmax_compute_type")
+
+
 def _build_model(run: RunConfig, lazy: bool = False):
-    """The model to train: random (seeded), or load_checkpoint's weights. `lazy` (a semi-auto run
-    that loads its slices after compiling) builds it without materialising any weights."""
+    """The model to train: random (seeded), or load_checkpoint's weights, with LoRA adapters (seeded)
+    and its base frozen when the run has a pet_config. `lazy` (a semi-auto run that loads its slices
+    after compiling) builds it without materialising any weights."""
+    from cllama.checkpoint.adapter import add_lora
     from cllama.checkpoint.model_dir import load_model_dir, random_model
     from cllama.model import CodeLlama
 
@@ -105,10 +110,14 @@ def _build_model(run: RunConfig, lazy: bool = False):
         from mindspore.nn.utils import no_init_parameters
 
         with no_init_parameters():
-            return CodeLlama(run.model)
-    if not run.load_checkpoint:
-        return random_model(run.model, seed=run.seed)
-    return load_model_dir(run.load_checkpoint, seq_length=run.model.seq_length)
+            model = CodeLlama(run.model)
+    elif not run.load_checkpoint:
+        model = random_model(run.model, seed=run.seed)
+    else:  # the YAML's length and dtypes (a LoRA run's frozen base may stay float16/bfloat16)
+        model = load_model_dir(run.load_checkpoint, **{k: getattr(run.model, k) for k in RUN_MODEL_KEYS})
+    if run.lora is not None:
+        add_lora(model, run.lora, seed=run.seed, source=f"{run.source}: model.model_config.pet_config")
+    return model
 
 
 def _check_start(run: RunConfig) -> None:
@@ -157,6 +166,9 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
     if not run.train_data:
         raise ValueError(f"{run.source}: train_dataset.data_loader.dataset_dir is empty; point it at a "
                          "MindRecord file written by `cllama data ...`")
+    if run.lora is not None and not run.load_checkpoint:
+        raise ValueError(f"{run.source}: model.model_config.pet_config (LoRA) finetunes a base model; set "
+                         "load_checkpoint to its model directory")
     if run.load_checkpoint:  # before any output is written
         check_model_dir(run.load_checkpoint, f"{run.source}: load_checkpoint: ")
         _check_start(run)
@@ -183,7 +195,8 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
         remove_partial_checkpoints(ckpt_root)
         save_run_config(run, out / "run_config.yaml")
     if semi:  # MindSpore writes each rank's strategy file when the step compiles
-        ms.set_auto_parallel_context(strategy_ckpt_config=strategy_save_config(out.resolve(), env.rank))
+        ms.set_auto_parallel_context(strategy_ckpt_config=strategy_save_config(out.resolve(), env.rank,
+                                                                               trainable_only=run.lora is None))
 
     latest = latest_checkpoint(ckpt_root) if resume else None
     model = _build_model(run, lazy=semi and bool(run.load_checkpoint or latest))
@@ -301,18 +314,23 @@ def _restore(run: RunConfig, env, model, optimizer, step_cell, latest: Optional[
             check_resumable(latest, state, env)
             load_rank_slices(model, latest, env, optimizer, step_cell)
         else:
+            from cllama.checkpoint.adapter import trained_params
             from cllama.checkpoint.files import weights_file
-            from cllama.checkpoint.model_dir import state_dict
+            from cllama.checkpoint.lora import adapter_file
 
             if semi:
                 raise ValueError(f"{latest}: a whole-model checkpoint cannot resume a semi-auto parallel run; "
                                  f"start a new run with load_checkpoint: {latest}")
-            load_state(list(state_dict(model).values()), weights_file(latest))
+            weights = adapter_file(latest) if run.lora is not None else weights_file(latest)
+            load_state(list(trained_params(model).values()), weights)
             state = load_checkpoint_state(latest, optimizer, step_cell)
         return state["step"], state["samples_consumed"]
     if semi and run.load_checkpoint:
         strategy = Path(out) / "strategy" / "strategy.ckpt"
-        load_rank_slices(model, split_for_run(run.load_checkpoint, strategy, out, env, progress), env)
+        from cllama.checkpoint.model_dir import state_dict
+
+        load_rank_slices(model, split_for_run(run.load_checkpoint, strategy, out, env, progress), env,
+                         params=state_dict(model))
     return 0, 0
 
 
@@ -323,10 +341,10 @@ def _save(run: RunConfig, env, root: Path, model, optimizer, step_cell, state: d
 
     if strategy is not None:
         save_sharded(root, env, model, optimizer, step_cell, state, strategy, tokenizer, run.keep_checkpoints,
-                     run.checkpoint_format)
+                     run.checkpoint_format, run.load_checkpoint)
     elif env.is_main:
         save_checkpoint(root, model, optimizer, step_cell, state, tokenizer, run.keep_checkpoints,
-                        run.checkpoint_format)
+                        run.checkpoint_format, run.load_checkpoint)
 
 
 def _check_length(run: RunConfig, ids: np.ndarray, seq_length: int) -> None:

@@ -5,8 +5,9 @@ Sections used: seed, output_dir, load_checkpoint, resume_training, run_mode, run
 train_dataset / eval_dataset (data_loader.dataset_dir), do_eval, eval_step_interval, use_parallel,
 parallel, parallel_config, recompute_config (recompute, select_recompute and Cell.recompute's options),
 callbacks (CheckpointMointor: save_checkpoint_steps, keep_checkpoint_max, integrated_save, checkpoint_format), context
-(device_target), model.model_config, processor.tokenizer.vocab_file, runner_wrapper (use_clip_grad,
-max_grad_norm, scale_sense). Other MindFormers keys of the model card's YAML are accepted and ignored.
+(device_target), model.model_config (its pet_config: LoRA), processor.tokenizer.vocab_file,
+runner_wrapper (use_clip_grad, max_grad_norm, scale_sense). Other MindFormers keys of the model card's
+YAML are accepted and ignored.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from cllama.checkpoint.lora import DEFAULT_TARGETS, LoraConfig
 from cllama.config import ModelConfig
 from cllama.distributed.parallel import ParallelConfig, auto_parallel_settings
 from cllama.fileio import atomic_write
@@ -74,6 +76,7 @@ class RunConfig:
     integrated_save: bool = True  # False: every rank saves its own slices (always so under semi-auto parallel)
     checkpoint_format: str = "ckpt"
     tokenizer: str = ""
+    lora: Optional[LoraConfig] = None  # model.model_config.pet_config: LoRA finetuning
 
     def parallel_settings(self, device: str = "Ascend", device_num: Optional[int] = None) -> dict:
         """`set_auto_parallel_context` arguments for this run on `device_num` devices (default the
@@ -159,9 +162,16 @@ def parse_run_config(doc: dict, source: str = "run config") -> RunConfig:
         block = doc["model"]["model_config"]
     except (KeyError, TypeError):
         raise bad("model.model_config", "missing; copy the block from configs/tiny/pretrain.yaml") from None
+    if not isinstance(block, dict):
+        raise bad("model.model_config", "must be a mapping; copy the block from configs/tiny/pretrain.yaml")
+    block = dict(block)
+    pet = block.pop("pet_config", None)
     model = ModelConfig.from_dict(block, source=f"{source}: model.model_config")
     runner = doc.get("runner_config") or {}
     run = RunConfig(doc=doc, source=source, model=model)
+    if pet is not None:
+        run.lora = LoraConfig.from_pet_config(pet, f"{source}: model.model_config.pet_config")
+        run.lora.targets(model, f"{source}: model.model_config.pet_config")
     run.seed = _int(doc.get("seed", 0), "seed", bad, 0)
     run.output_dir = str(doc.get("output_dir") or "./output")
     run.load_checkpoint = str(doc.get("load_checkpoint") or "")
@@ -269,6 +279,20 @@ def run_from_params(config: str | os.PathLike, output_dir: str | os.PathLike, da
     if load_checkpoint:
         keys["load_checkpoint"] = str(load_checkpoint)
     return load_run_config(config, {**keys, **(overrides or {})})
+
+
+def peft_overrides(peft: str, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                   targets: str = DEFAULT_TARGETS) -> dict:
+    """Run YAML overrides for a notebook's `peft` choice: "" keeps what the YAML says, "none" is full
+    finetuning (a pet_config the YAML has is dropped), "lora" sets MindFormers' pet_config from the LoRA
+    parameters."""
+    if peft == "":
+        return {}
+    if peft == "none":
+        return {"model.model_config.pet_config": None}
+    if peft == "lora":
+        return {"model.model_config.pet_config": LoraConfig(rank, alpha, dropout, targets).to_pet_config()}
+    raise ValueError(f"peft: {peft!r} is not supported; use \"\" (the run YAML's), none (full finetuning) or lora")
 
 
 def save_run_config(run: RunConfig, path: str | os.PathLike) -> Path:

@@ -7,7 +7,7 @@ A step of such a run, `checkpoints/step_N/`:
     strategy.ckpt              the layout: under semi-auto parallel the strategy file MindSpore itself
                                wrote while compiling (pipeline stages merged with merge_pipeline_strategys),
                                otherwise the one derived from the model's strategies
-    config.json, tokenizer.model, trainer_state.json
+    config.json, tokenizer.model, trainer_state.json (a LoRA run: the adapters' slices + adapter_config.json)
 so `cllama ckpt merge` (or `ckpt transform`) turns it into a model directory. Every rank writes into
 one shared `.step_N.partial` folder; rank 0 renames it when all have finished (barriers between).
 A full model directory given as `load_checkpoint` to a semi-auto run is first split into the run's
@@ -23,8 +23,9 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from cllama.checkpoint.adapter import lora_of, trained_params, write_adapter_config
 from cllama.checkpoint.files import shard_file, shard_name, weights_file
-from cllama.checkpoint.model_dir import save_weights, state_dict
+from cllama.checkpoint.model_dir import save_weights
 from cllama.distributed.parallel import ParallelConfig, ParallelEnv
 from cllama.distributed.strategy import make_parallel, memory_per_rank, param_layouts, read_strategy, write_strategy
 from cllama.fileio import copy_file, install, write_json
@@ -60,11 +61,12 @@ def barrier(env: ParallelEnv) -> None:
         _BARRIER[0](Tensor(np.ones(1, np.float32))).asnumpy()
 
 
-def strategy_save_config(out: str | os.PathLike, rank: int) -> dict:
+def strategy_save_config(out: str | os.PathLike, rank: int, trainable_only: bool = True) -> dict:
     """`set_auto_parallel_context(strategy_ckpt_config=...)`: where MindSpore writes this rank's
-    strategy file when it compiles (MindFormers' output/strategy/ckpt_strategy_rank_K.ckpt)."""
+    strategy file when it compiles (MindFormers' output/strategy/ckpt_strategy_rank_K.ckpt). A LoRA run
+    keeps every parameter's layout (`trainable_only` False): its frozen base is split by it too."""
     return {"save_file": str(Path(out) / "strategy" / f"ckpt_strategy_rank_{rank}.ckpt"),
-            "only_trainable_params": True}
+            "only_trainable_params": trainable_only}
 
 
 def run_strategy(out: str | os.PathLike, env: ParallelEnv, model, parallel: ParallelConfig) -> Path:
@@ -88,7 +90,7 @@ def run_strategy(out: str | os.PathLike, env: ParallelEnv, model, parallel: Para
             else:
                 copy_file(strategy_save_config(out, 0)["save_file"], path)
         else:
-            write_strategy(param_layouts(model.config, make_parallel(data_parallel=env.world)), path)
+            write_strategy(param_layouts(model.config, make_parallel(data_parallel=env.world), lora_of(model)), path)
     barrier(env)
     return path
 
@@ -96,10 +98,11 @@ def run_strategy(out: str | os.PathLike, env: ParallelEnv, model, parallel: Para
 # ---- saving ---------------------------------------------------------------------------------------
 def save_sharded(root: str | os.PathLike, env: ParallelEnv, model, optimizer, step_cell, state: dict,
                  strategy: Path, tokenizer: Optional[str | os.PathLike] = None, keep: int = 0,
-                 fmt: str = "ckpt") -> Path:
-    """Every rank writes its slices into `root/.step_N.partial/rank_K/`; rank 0 adds the strategy,
-    config, tokenizer and trainer state, and renames the folder to `step_N` once all ranks are done.
-    Keeps the newest `keep` steps (0: all). Returns the step folder."""
+                 fmt: str = "ckpt", base_dir: Optional[str | os.PathLike] = None) -> Path:
+    """Every rank writes its slices into `root/.step_N.partial/rank_K/` (a LoRA model: its adapters'
+    slices); rank 0 adds the strategy, config (and adapter_config.json naming `base_dir`), tokenizer
+    and trainer state, and renames the folder to `step_N` once all ranks are done. Keeps the newest
+    `keep` steps (0: all). Returns the step folder."""
     from cllama.train.checkpoints import TRAINER_STATE, checkpoint_steps
 
     root = Path(root)
@@ -111,12 +114,14 @@ def save_sharded(root: str | os.PathLike, env: ParallelEnv, model, optimizer, st
     barrier(env)
     rank_dir = tmp / f"rank_{env.rank}"
     rank_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(state_dict(model), rank_dir / shard_name(env.rank, fmt), integrated_save=False)
+    save_weights(trained_params(model), rank_dir / shard_name(env.rank, fmt), integrated_save=False)
     save_weights(optimizer.state() + step_cell.state(), rank_dir / OPTIMIZER_CKPT, integrated_save=False)
     _fsync(rank_dir)
     if env.is_main:
         copy_file(strategy, tmp / STRATEGY_FILE)
         model.config.save(tmp / "config.json")
+        if lora_of(model):
+            write_adapter_config(model, tmp, base_dir)
         if tokenizer is not None:
             copy_file(tokenizer, tmp / "tokenizer.model")
         write_json(tmp / TRAINER_STATE, {**state, "sharded": True, "format": fmt})
@@ -144,9 +149,11 @@ def is_sharded_step(step_dir: str | os.PathLike) -> bool:
 
 
 # ---- loading --------------------------------------------------------------------------------------
-def load_rank_slices(model, step_dir: str | os.PathLike, env: ParallelEnv, optimizer=None, step_cell=None) -> None:
-    """Load this rank's model slices (and optimizer state when given) from a sharded step folder.
-    Under semi-auto parallel, call after the train step compiled (the parameters are sliced then)."""
+def load_rank_slices(model, step_dir: str | os.PathLike, env: ParallelEnv, optimizer=None, step_cell=None,
+                     params: Optional[dict] = None) -> None:
+    """Load this rank's slices of `params` (default: what training checkpoints, `trained_params`) and
+    the optimizer state when given from a sharded step folder. Under semi-auto parallel, call after
+    the train step compiled (the parameters are sliced then)."""
     from cllama.train.checkpoints import load_state
 
     rank_dir = Path(step_dir) / f"rank_{env.rank}"
@@ -154,7 +161,7 @@ def load_rank_slices(model, step_dir: str | os.PathLike, env: ParallelEnv, optim
     if weights is None:
         raise FileNotFoundError(f"{rank_dir}: no checkpoint_{env.rank}.ckpt; {step_dir} was saved by fewer ranks "
                                 "than this run has; resume with the layout it was saved with")
-    load_state(list(state_dict(model).values()), weights)
+    load_state(list((trained_params(model) if params is None else params).values()), weights)
     if optimizer is not None:
         load_state(optimizer.state() + step_cell.state(), rank_dir / OPTIMIZER_CKPT)
 

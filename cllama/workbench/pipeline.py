@@ -220,10 +220,13 @@ def validate(pipeline: Pipeline) -> None:
 
 def check_pipeline(pipeline: Pipeline) -> list[dict]:
     """Checks beyond `validate`, for a pipeline meant for another machine (e.g. an Ascend cluster):
-    each stage's run YAML (`config`) loads, and its parallel layout fits the stage's device count
-    (workers x nodes) and the model. Returns what was checked, per stage."""
+    each stage's run YAML (`config`, with the stage's config_overrides and peft choice) loads, its
+    parallel layout fits the stage's device count (workers x nodes) and the model, and its per-rank
+    memory plan (cllama.distributed.planner) fits the devices (Ascend/GPU runs). Returns what was
+    checked, per stage, with the plan (`memory_plan_gb`)."""
     from cllama.distributed.parallel import parallel_mode_name
-    from cllama.train.runconfig import find_config, load_run_config
+    from cllama.distributed.planner import GB, plan_run, plan_table
+    from cllama.train.runconfig import find_config, load_run_config, peft_overrides
 
     report = []
     for stage in pipeline.stages:
@@ -234,7 +237,11 @@ def check_pipeline(pipeline: Pipeline) -> list[dict]:
         where = f"{pipeline.source}: stage {stage.name!r}: config {config}"
         try:
             extra = stage.params.get("config_overrides") or {}
-            run = load_run_config(find_config(config), extra if isinstance(extra, dict) else {})
+            lora = {k: stage.params[f"lora_{k}"] for k in ("rank", "alpha", "dropout", "targets")
+                    if f"lora_{k}" in stage.params}
+            extra = {**(extra if isinstance(extra, dict) else {}),
+                     **peft_overrides(stage.params.get("peft", ""), **lora)}
+            run = load_run_config(find_config(config), extra)
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"{where}: {err}") from None
         workers, nodes = int(stage.params.get("workers", 1)), int(stage.params.get("nodes", 1))
@@ -249,6 +256,17 @@ def check_pipeline(pipeline: Pipeline) -> list[dict]:
             except ValueError as err:
                 raise ValueError(f"{where} on {workers} worker(s) x {nodes} node(s): {err}") from None
             entry.update(checked="parameters, run config, parallel layout", auto_parallel_context=settings)
+        if run.device == "CPU":  # host memory, and the data's length decides: nothing to plan
+            report.append(entry)
+            continue
+        memory = plan_run(run, devices)
+        entry["memory_plan_gb"] = {**plan_table(memory)[0], "usable": round(memory["usable_bytes"] / GB, 2)}
+        if not memory["fits"]:
+            row = entry["memory_plan_gb"]
+            raise ValueError(f"{where} on {devices} device(s): each rank needs {row['total']} GB (weights "
+                             f"{row['weights']}, gradients {row['gradients']}, optimizer {row['optimizer']}, "
+                             f"activations {row['activations']}), more than the {row['usable']} GB usable; "
+                             "`cllama plan` lists layouts that fit")
         report.append(entry)
     return report
 

@@ -86,6 +86,32 @@ def memory_per_rank_bars(computed: list[int], measured: list[int] | None = None,
     return fig
 
 
+def memory_plan_bars(rows: list[dict], usable_gb: float, title: str = "memory per rank",
+                     path: str | os.PathLike | None = None, limit: int = 12):
+    """Stacked bars of a memory plan (cllama.distributed.planner.plan_table rows, GB per rank by kind)
+    for the first `limit` layouts, with the usable device memory as a line."""
+    import matplotlib.pyplot as plt
+
+    rows = rows[:limit]
+    kinds = ("weights", "gradients", "optimizer", "activations")
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(rows) + 2), 3.6))
+    bottom = [0.0] * len(rows)
+    for i, kind in enumerate(kinds):
+        values = [r[kind] for r in rows]
+        ax.bar(range(len(rows)), values, 0.65, bottom=bottom, color=plt.cm.tab10(i), label=kind)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.axhline(usable_gb, color="black", linestyle="--", linewidth=1)
+    ax.text(len(rows) - 0.5, usable_gb, f" usable {usable_gb:g} GB", va="bottom", ha="right", fontsize=8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["layout"] + ("" if r["fits"] else "\n(no fit)") for r in rows], fontsize=7)
+    ax.set_ylabel("GB per rank")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig
+
+
 def token_length_histogram(lengths, sample_length: int | None = None, title: str = "token lengths",
                            path: str | os.PathLike | None = None):
     """Histogram of examples' / documents' token lengths (log-spaced bins when they span a wide

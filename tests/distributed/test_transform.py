@@ -198,13 +198,25 @@ def test_cluster_stage_files_as_source_strategy(models, tmp_path):
 
 
 def test_notebook_05_defaults(tmp_path):
-    """notebooks/05_transform_checkpoint.ipynb headlessly: random tiny model, layout mp 2."""
+    """notebooks/05_transform_checkpoint.ipynb headlessly: the memory plan of the card's 34B finetuning
+    on 32 devices (table and chart), then a random tiny model split for mp 2."""
+    import nbformat
+    import pandas as pd
+
     result = run_notebook("05_transform_checkpoint.ipynb", tmp_path)
     assert result["stage"] == "transform_checkpoint" and result["metrics"]["verified"] == 1.0
     assert result["metrics"]["devices"] == 2 and result["params"]["model_parallel"] == 2
     assert sorted(shard_files(result["artifacts"]["sharded_dir"])) == [0, 1]
-    assert all(Path(f).is_file() for f in result["figures"])
-    assert "RANDOM" in (tmp_path / "05_transform_checkpoint.ipynb").read_text()
+    assert all(Path(f).is_file() for f in result["figures"]) and len(result["figures"]) == 2
+    executed = (tmp_path / "05_transform_checkpoint.ipynb").read_text()
+    assert "RANDOM" in executed
+    plan = pd.read_csv(result["artifacts"]["memory_plan"])
+    card = plan[plan["layout"] == "dp4 mp4 pp2"].iloc[0]
+    assert bool(card["fits"]) and 0 < result["metrics"]["plan_fitting_layouts"] < len(plan)
+    nb = nbformat.reads(executed, 4)
+    images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    html = sum("text/html" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert images == 2 and html >= 2  # the plan chart and the memory-per-rank chart; the plan and shard tables
 
 
 def test_one_stage_strategy_for_pipeline_shards_is_refused(models, tmp_path):

@@ -22,3 +22,15 @@ def test_training_notebook(name, parameters, tmp_path):
     assert checkpoint.name == "step_12" and load_model_dir(checkpoint).config.hidden_size == 64
     assert all(Path(f).is_file() for f in results["figures"])
     assert results["params"]["steps"] == 12
+
+
+def test_finetune_notebook_with_lora(tmp_path):
+    """peft="lora": the checkpoint is an adapter directory, model_dir the base with it merged in."""
+    results = run_notebook("04_finetune.ipynb", tmp_path, cwd=ROOT / "notebooks", peft="lora", lora_rank=4,
+                           lora_targets=".*wq|.*wv|.*w2", learning_rate=0.01, max_examples=40, seq_length=128,
+                           steps=6, batch_size=2, eval_every=3, save_steps=3)
+    assert results["status"] == "ok" and results["params"]["peft"] == "lora"
+    checkpoint, merged = Path(results["artifacts"]["checkpoint"]), Path(results["artifacts"]["model_dir"])
+    assert (checkpoint / "adapter.ckpt").is_file() and not (checkpoint / "model.ckpt").exists()
+    assert merged.name == "merged_model" and load_model_dir(merged).config.hidden_size == 64
+    assert results["metrics"]["steps"] == 6 and results["metrics"]["val_loss"] > 0

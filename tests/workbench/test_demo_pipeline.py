@@ -15,6 +15,9 @@ from tests.conftest import ROOT
 SHRUNK = {"prepare_code.max_files": 20, "prepare_code.seq_length": 64, "prepare_alpaca.seq_length": 128,
           "pretrain.steps": 6, "pretrain.batch_size": 2, "pretrain.eval_every": 3, "pretrain.save_steps": 3,
           "finetune.steps": 6, "finetune.batch_size": 2, "finetune.eval_every": 3, "finetune.save_steps": 3,
+          "finetune_lora.steps": 4, "finetune_lora.batch_size": 2, "finetune_lora.eval_every": 2,
+          "finetune_lora.save_steps": 2, "evaluate_lora.limit": 2, "evaluate_lora.max_new_tokens": 8,
+          "generate_lora.max_new_tokens": 4,
           "evaluate.limit": 2, "evaluate.max_new_tokens": 8, "generate.max_new_tokens": 4,
           "export.seq_length": 64, "export.max_new_tokens": 4}
 
@@ -43,6 +46,12 @@ def test_demo_pipeline_runs_end_to_end(demo_run):
         assert resolved[stage]["model_dir" if stage != "convert" else "source_dir"] == \
             finetune["artifacts"]["checkpoint"], stage
     assert pretrain["metrics"]["steps"] == finetune["metrics"]["steps"] == 6
+    lora = demo_run.results("finetune_lora")
+    assert resolved["finetune_lora"]["model"] == pretrain["artifacts"]["checkpoint"]
+    assert (Path(lora["artifacts"]["checkpoint"]) / "adapter.ckpt").is_file()
+    for stage in ("evaluate_lora", "generate_lora"):
+        assert resolved[stage]["model_dir"] == lora["artifacts"]["model_dir"] != lora["artifacts"]["checkpoint"]
+    assert demo_run.results("evaluate_lora")["metrics"]["tasks"] == 2
     assert demo_run.results("evaluate")["metrics"]["tasks"] == 2
     assert demo_run.results("export")["metrics"]["tokens_equal"] == 1.0
     assert demo_run.results("transform")["metrics"]["verified"] == 1.0
@@ -64,7 +73,8 @@ def test_compare_runs_notebook_reads_the_ledger(demo_run, tmp_path):
                                parameters={"runs_dir": str(demo_run.run_dir.parent), "runs": [demo_run.run_id],
                                            "output_dir": str(out)}, progress_bar=False, kernel_name="python3")
     results = read_results(out)
-    assert results["metrics"] == {"runs": 1.0, "curves": 2.0} and results["params"]["runs"] == [demo_run.run_id]
+    # one loss curve per training stage: pretrain, finetune_lora, finetune
+    assert results["metrics"] == {"runs": 1.0, "curves": 3.0} and results["params"]["runs"] == [demo_run.run_id]
     assert Path(results["figures"][0]).is_file() and _images(str(tmp_path / "09.ipynb")) == 1
     assert demo_run.run_id in Path(results["artifacts"]["table"]).read_text().splitlines()[0]
 
