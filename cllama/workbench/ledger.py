@@ -16,19 +16,24 @@ LEDGER_FIELDS = ["run_id", "name", "status", "start", "duration_s", "failed_stag
                  "val_loss", "pass@1", "train_tokens_per_s", "generate_tokens_per_s", "params", "metrics",
                  "run_dir"]
 TRAIN_STAGES = ("pretrain", "finetune")
+EVAL_STAGES = ("evaluate_humaneval", "evaluate_mbpp")
 
 
 def key_metrics(stage_results: list[dict]) -> dict[str, Any]:
     """Headline figures of a run from its stages' results.json: the last training stage's loss and
-    tokens/s, pass@1, generation speed."""
+    tokens/s, HumanEval pass@1, generation speed, and every evaluation's pass@k under its protocol
+    (columns like `pass@1 humaneval/unstripped/greedy`, `pass@1 mbpp/greedy`)."""
     out: dict[str, Any] = {}
     for results in stage_results:
         kind, metrics = results.get("stage"), results.get("metrics") or {}
         if kind in TRAIN_STAGES:
             out.update(final_loss=metrics.get("final_loss"), val_loss=metrics.get("val_loss"),
                        train_tokens_per_s=metrics.get("tokens_per_s"))
-        elif kind == "evaluate_humaneval":
-            out["pass@1"] = metrics.get("pass@1")
+        elif kind in EVAL_STAGES:
+            protocol = (results.get("params") or {}).get("protocol") or kind
+            out.update({f"{k} {protocol}": v for k, v in metrics.items() if k.startswith("pass@")})
+            if kind == "evaluate_humaneval":
+                out["pass@1"] = metrics.get("pass@1")
         elif kind == "generate":
             out["generate_tokens_per_s"] = metrics.get("tokens_per_s")
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items() if v is not None}
@@ -129,3 +134,21 @@ def select_runs(runs_dir: str | os.PathLike, runs: list[str] | None = None, last
     if status:
         frame = frame[frame["status"] == status]
     return frame.tail(last)
+
+
+def evaluation_flips(chosen):
+    """Tasks that flipped (pass -> fail and back) between the first two chosen runs, for every
+    evaluation stage both have, with both completions side by side (notebook 09), as a DataFrame."""
+    import pandas as pd
+
+    from cllama.evaluation.interchange import flipped_tasks
+
+    columns = ["stage", "task_id", "change", "result_a", "result_b", "completion_a", "completion_b"]
+    rows = chosen.to_dict("records")[:2]
+    if len(rows) < 2:
+        return pd.DataFrame(columns=columns)
+    a, b = (stage_results(r["run_dir"]) for r in rows)
+    flips = [{"stage": name, **flip} for name, results in a.items()
+             if results.get("stage") in EVAL_STAGES and name in b
+             for flip in flipped_tasks(results["artifacts"]["results"], b[name]["artifacts"]["results"])]
+    return pd.DataFrame(flips, columns=columns)

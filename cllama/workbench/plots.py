@@ -17,24 +17,36 @@ def save_figure(fig, path: str | os.PathLike | None) -> Path | None:
     return Path(path)
 
 
-def plot_humaneval(metrics: Mapping[str, float], label: str = "this run", infilling: str | None = None,
+def plot_humaneval(metrics: Mapping[str, float], label: str = "this run",
+                   protocol: str = "humaneval/unstripped/greedy", preset: str | None = None,
                    path: str | os.PathLike | None = None):
-    """HumanEval pass@1 (%) of this run beside the Code Llama paper's (the 9 checkpoints and
-    MindFormers' 34B; for infilling, the paper's 7B/13B single-/multi-line PSM numbers), and this
-    run's pass@k. metrics holds fractions, e.g. {"pass@1": 0.12, "pass@10": 0.3}."""
+    """pass@1 (%) of this run beside the Code Llama paper's for the benchmark of `protocol`
+    (cllama.evaluation.protocols: HumanEval's 9 checkpoints and MindFormers' 34B, infilling's 7B/13B
+    PSM, MBPP's 7B/13B/34B) and this run's pass@k. With `preset` (the model this run evaluates) the
+    paper's figure for the same model and protocol is named in the title with the difference.
+    metrics holds fractions, e.g. {"pass@1": 0.12, "pass@10": 0.3}."""
     import matplotlib.pyplot as plt
 
-    from cllama.evaluation.humaneval import MINDFORMERS_34B_PASS_AT_1, PAPER_INFILLING_PASS_AT_1, PAPER_PASS_AT_1
+    from cllama.evaluation import protocols as pr
 
-    if infilling:
-        ref = {f"{name} (paper)": v[infilling] for name, v in PAPER_INFILLING_PASS_AT_1.items()}
-        title = f"HumanEval {infilling} infilling pass@1"
+    benchmark = protocol.split("/")[0]
+    if benchmark == "humaneval_infilling":
+        kind = protocol.split("/")[1]
+        ref = {f"{name} (paper)": v[kind] for name, v in pr.PAPER_INFILLING_PASS_AT_1.items()}
+    elif benchmark == "mbpp":
+        ref = {f"{name} (paper)": v for name, v in pr.PAPER_MBPP_PASS_AT_1.items()}
     else:
-        ref = {f"{name} (paper)": v for name, v in PAPER_PASS_AT_1.items()}
-        ref["codellama-34b (MindFormers)"] = MINDFORMERS_34B_PASS_AT_1
-        title = "HumanEval pass@1 (greedy)"
+        ref = {f"{name} (paper)": v for name, v in pr.PAPER_PASS_AT_1.items()}
+        ref["codellama-34b (MindFormers)"] = pr.MINDFORMERS_34B_PASS_AT_1
+    title = f"{protocol} pass@1"
+    ours = 100 * metrics.get("pass@1", 0.0)
+    paper = pr.paper_figure(preset, protocol)
+    if paper is not None:
+        title += f"\n{label}: {ours:.1f} vs the paper's {paper:g} for {preset} ({ours - paper:+.1f})"
+    elif preset:
+        title += f"\n(the paper has no {protocol} figure for {preset})"
     names = list(ref) + [label]
-    values = list(ref.values()) + [100 * metrics.get("pass@1", 0.0)]
+    values = list(ref.values()) + [ours]
     ks = sorted((k for k in metrics if k.startswith("pass@")), key=lambda k: int(k[5:]))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 1]})
     colors = ["#9aa5b1"] * len(ref) + ["#d9480f"]

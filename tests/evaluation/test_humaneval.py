@@ -172,5 +172,10 @@ def test_plot_beside_the_paper(tmp_path):
     assert [round(b.get_width(), 2) for b in left.patches][:3] == [33.5, 36.0, 48.8]
     assert left.patches[-1].get_width() == 25
     assert [round(b.get_height()) for b in right.patches] == [25, 50] and (tmp_path / "p.png").is_file()
-    fig = plot_humaneval({"pass@1": 0.1}, "mine", infilling="multi-line")
+    fig = plot_humaneval({"pass@1": 0.1}, "mine", protocol="humaneval_infilling/multi-line/greedy")
     assert [round(b.get_width(), 1) for b in fig.axes[0].patches] == [49.7, 53.7, 10.0]
+    fig = plot_humaneval({"pass@1": 0.40}, "mine", protocol="mbpp/greedy", preset="codellama-7b")
+    assert [round(b.get_width(), 1) for b in fig.axes[0].patches] == [41.4, 47.0, 55.0, 40.0]
+    assert "40.0 vs the paper's 41.4 for codellama-7b (-1.4)" in fig.axes[0].get_title()
+    fig = plot_humaneval({"pass@1": 0.40}, "mine", protocol="humaneval/stripped/greedy", preset="codellama-7b")
+    assert "the paper has no humaneval/stripped/greedy figure for codellama-7b" in fig.axes[0].get_title()

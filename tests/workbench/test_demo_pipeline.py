@@ -74,7 +74,8 @@ def test_compare_runs_notebook_reads_the_ledger(demo_run, tmp_path):
                                            "output_dir": str(out)}, progress_bar=False, kernel_name="python3")
     results = read_results(out)
     # one loss curve per training stage: pretrain, finetune_lora, finetune
-    assert results["metrics"] == {"runs": 1.0, "curves": 3.0} and results["params"]["runs"] == [demo_run.run_id]
+    assert results["metrics"] == {"runs": 1.0, "curves": 3.0, "flipped_tasks": 0.0}
+    assert results["params"]["runs"] == [demo_run.run_id]
     assert Path(results["figures"][0]).is_file() and _images(str(tmp_path / "09.ipynb")) == 1
     assert demo_run.run_id in Path(results["artifacts"]["table"]).read_text().splitlines()[0]
 
