@@ -1,8 +1,10 @@
 """Files that appear whole or not at all, and JSON read with one clear error.
 
 Every writer in cllama goes through here: the content is written under a temporary name beside
-the destination (`<stem>.partial-<pid><suffix>`) and renamed when complete, so a kill never leaves a
-half-written file under its final name. No MindSpore import.
+the destination (`<stem>.partial-<pid><suffix>`, work folders `<name>.work-<pid>-*`) and renamed when
+complete, so a kill never leaves a half-written file under its final name; a writer first removes
+the temporaries of its destination that processes no longer alive left behind (`remove_stale`).
+JSON is written strict (NaN and infinities become null). No MindSpore import.
 """
 from __future__ import annotations
 
@@ -23,6 +25,39 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}.partial-{os.getpid()}{path.suffix}")
 
 
+def work_prefix(path: str | os.PathLike) -> str:
+    """The prefix of a work folder beside `path` (tempfile.TemporaryDirectory(prefix=...)): it names
+    this process, so a later writer can tell a dead process's leftovers."""
+    return f"{Path(path).name}.work-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove what writers of `path` that are no longer alive left beside it: `<stem>.partial-<pid>*`,
+    `<name>.work-<pid>-*`, `<name>.old-<pid>`. Returns what was removed."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for pattern, marker in ((f"{path.stem}.partial-*", ".partial-"), (f"{path.name}.work-*", ".work-"),
+                            (f"{path.name}.old-*", ".old-")):
+        for leftover in path.parent.glob(pattern):
+            pid = leftover.name.split(marker, 1)[1].split("-", 1)[0].split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                _remove(leftover)
+                removed.append(leftover)
+    return removed
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -36,6 +71,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     `p` (replacing it), on an exception it is removed and `p` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
     tmp = temp_path(path)
     _remove(tmp)
     try:
@@ -72,7 +108,23 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, encoding: str = "ut
 
 def write_json(path: str | os.PathLike, doc: Any, indent: int | None = 2) -> Path:
     """Write a JSON document atomically (non-JSON values as their str)."""
-    return atomic_write(path, json.dumps(doc, indent=indent, default=str, ensure_ascii=False) + "\n")
+    return atomic_write(path, dumps(doc, indent=indent) + "\n")
+
+
+def strict(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) replaced by None: strict JSON."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def dumps(doc: Any, indent: int | None = 2) -> str:
+    """Strict JSON text (non-finite numbers as null, other non-JSON values as their str)."""
+    return json.dumps(strict(doc), indent=indent, default=str, ensure_ascii=False, allow_nan=False)
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -102,6 +154,7 @@ class AtomicWriter:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        remove_stale(self.path)
         self.tmp = temp_path(self.path)
         self.file = open(self.tmp, "wb")
 

@@ -76,3 +76,23 @@ def test_json_errors_name_the_file_and_the_fix(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"bad.json: not a valid thing \("):
         read_json(tmp_path / "bad.json", "thing")
+
+
+def test_writers_remove_dead_processes_leftovers_and_json_is_strict(tmp_path):
+    import json
+
+    from cllama.fileio import dumps, remove_stale
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f"model.partial-{dead.pid}.ckpt").touch()
+    (tmp_path / f"out.work-{dead.pid}-abc").mkdir()
+    (tmp_path / f"out.partial-{dead.pid}").mkdir()
+    alive = tmp_path / f"model.partial-{os.getppid()}.ckpt"  # another process, still running
+    alive.touch()
+    assert sorted(p.name for p in remove_stale(tmp_path / "out")) == [f"out.partial-{dead.pid}",
+                                                                      f"out.work-{dead.pid}-abc"]
+    write_json(tmp_path / "model.ckpt", {"loss": float("nan"), "x": [float("inf"), 1.5]})
+    assert not (tmp_path / f"model.partial-{dead.pid}.ckpt").exists() and alive.exists()  # only dead writers'
+    assert json.loads((tmp_path / "model.ckpt").read_text()) == {"loss": None, "x": [None, 1.5]}
+    assert dumps({"a": float("-inf")}, indent=None) == '{"a": null}'

@@ -9,6 +9,7 @@ while running (one line); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from cllama import __version__
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cllama {args.command}: failed: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late interrupt (e.g. a kernel's) must not end us with -2
         print(f"cllama {args.command}: interrupted", file=sys.stderr)
         return 130
 

@@ -33,7 +33,7 @@ from cllama.distributed.strategy import (
     read_strategy,
     write_strategy,
 )
-from cllama.fileio import install, temp_path
+from cllama.fileio import install, remove_stale, temp_path, work_prefix
 
 PREFIX = "checkpoint_"  # MindFormers' shard file prefix: rank_X/checkpoint_X.ckpt
 STRATEGY_FILE = "strategy.ckpt"
@@ -249,8 +249,9 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, src_strategy: Stra
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}: choose one of {list(FORMATS)}")
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(dst)  # a killed earlier transform's DST.partial-PID and DST.work-PID-*
     tmp = temp_path(dst)
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f"{dst.name}.work-") as work_dir:
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=work_prefix(dst)) as work_dir:
         work = Path(work_dir)
         src_file = _strategy_file(source.strategy, work, "src_strategy")
         dst_file = _strategy_file(dst_strategy, work, "dst_strategy")

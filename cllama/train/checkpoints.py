@@ -7,7 +7,6 @@ run's step holds its adapters (an adapter directory, cllama.checkpoint.adapter),
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ from mindspore import Parameter, Tensor
 from cllama.checkpoint.adapter import lora_of, write_adapter_files
 from cllama.checkpoint.files import file_format
 from cllama.checkpoint.model_dir import save_model_dir
-from cllama.fileio import install, read_json
+from cllama.fileio import dumps, install, read_json
 from cllama.model import CodeLlama
 from cllama.train.optim import AdamW
 from cllama.train.steps import TrainStep
@@ -68,7 +67,7 @@ def save_checkpoint(root: str | os.PathLike, model: CodeLlama, optimizer: AdamW,
         save_model_dir(model, tmp, tokenizer, fmt)
     entries = [{"name": p.name, "data": p} for p in optimizer.state() + step_cell.state()]
     ms.save_checkpoint(entries, str(tmp / OPTIMIZER_CKPT))
-    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+    (tmp / TRAINER_STATE).write_text(dumps(state) + "\n")
     _fsync_dir(tmp)
     install(tmp, final)  # a resumed run saving a step again replaces it
     if keep > 0:

@@ -14,7 +14,7 @@ from cllama.workbench.results import read_results
 
 LEDGER_FIELDS = ["run_id", "name", "status", "start", "duration_s", "failed_stage", "stages", "final_loss",
                  "val_loss", "pass@1", "train_tokens_per_s", "generate_tokens_per_s", "params", "metrics",
-                 "run_dir"]
+                 "run_dir", "runner"]
 TRAIN_STAGES = ("pretrain", "finetune")
 EVAL_STAGES = ("evaluate_humaneval", "evaluate_mbpp")
 
@@ -63,13 +63,34 @@ def update_ledger(runs_dir: str | os.PathLike, row: Mapping[str, Any]) -> Path:
 
 
 def read_ledger_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of index.csv; a `running` row whose runner (host:pid) is this host's and no longer
+    alive reads as `killed`."""
     path = Path(path)
     if path.is_dir():
         path = path / "index.csv"
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        if row.get("status") == "running" and _runner_gone(row.get("runner") or ""):
+            row["status"] = "killed"
+    return rows
+
+
+def _runner_gone(runner: str) -> bool:
+    import socket
+
+    host, _, pid = runner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def read_ledger(runs_dir: str | os.PathLike = "papermill_runs"):

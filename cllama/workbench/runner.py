@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,7 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
-from cllama.fileio import write_json
+from cllama.fileio import dumps, write_json
 from cllama.workbench.ledger import key_metrics, update_ledger
 from cllama.workbench.pipeline import Pipeline, Stage, quiet_papermill, resolve
 from cllama.workbench.results import read_results
@@ -28,7 +31,7 @@ class StageRun:
     notebook: str
     executed: str
     output_dir: str
-    status: str = "pending"  # pending | ok | failed | skipped
+    status: str = "pending"  # pending | ok | failed | interrupted | skipped
     seconds: float = 0.0
     results: dict = field(default_factory=dict)
     error: str = ""
@@ -38,7 +41,7 @@ class StageRun:
 class RunResult:
     run_id: str
     run_dir: Path
-    status: str  # ok | failed | interrupted
+    status: str  # running | ok | failed | interrupted (a runner that died: "killed" in the ledger)
     stages: list[StageRun]
     seconds: float
 
@@ -72,11 +75,12 @@ def ledger_row(result: RunResult, pipeline: Pipeline, start: datetime) -> dict[s
     failed = result.failed_stage
     metrics = {f"{s.name}.{k}": v for s in result.stages for k, v in (s.results.get("metrics") or {}).items()}
     return {"run_id": result.run_id, "name": pipeline.name, "status": result.status,
+            "runner": f"{socket.gethostname()}:{os.getpid()}" if result.status == "running" else "",
             "start": start.isoformat(timespec="seconds"), "duration_s": round(result.seconds, 1),
             "failed_stage": failed.name if failed else "", "stages": " ".join(s.name for s in pipeline.stages),
             **key_metrics([s.results for s in result.stages]),
-            "params": json.dumps({s.name: s.params for s in pipeline.stages if s.params}, default=str),
-            "metrics": json.dumps(metrics, default=str), "run_dir": str(result.run_dir)}
+            "params": dumps({s.name: s.params for s in pipeline.stages if s.params}, indent=None),
+            "metrics": dumps(metrics, indent=None), "run_dir": str(result.run_dir)}
 
 
 def _error_text(err: BaseException) -> str:
@@ -105,11 +109,18 @@ def _execute(stage: Stage, record: StageRun, params: dict, log, cwd, kernel_name
         record.status, record.error = "failed", _error_text(err)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_pipeline(pipeline: Pipeline, runs_dir: str | os.PathLike = "papermill_runs",
                  cwd: str | os.PathLike | None = None, progress: bool = True,
                  kernel_name: Optional[str] = None) -> RunResult:
     """Execute the stages in order in a new run folder; stop at the first failing stage (its executed
-    notebook keeps the error). The ledger row is written at the start (status running) and at the end."""
+    notebook keeps the error). The ledger row is written at the start (status running, with this
+    runner's host:pid, so a runner killed outright shows as `killed` when the ledger is next read) and
+    at the end. Ctrl-C or SIGTERM stops the run: the stage that was running is `interrupted`, the rest
+    `skipped`, the run `interrupted`, and KeyboardInterrupt propagates (the CLI says so in one line)."""
     runs_dir = Path(runs_dir).resolve()
     start = datetime.now()
     run_dir = _new_run_dir(runs_dir, pipeline.name, start)
@@ -123,6 +134,9 @@ def run_pipeline(pipeline: Pipeline, runs_dir: str | os.PathLike = "papermill_ru
     resolved: dict[str, dict] = {}
     update_ledger(runs_dir, ledger_row(result, pipeline, start))
     say = print if progress else (lambda *a, **k: None)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM stops the run like Ctrl-C
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     say(f"run {run_id}: {len(stages)} stages -> {run_dir}")
     with open(run_dir / "run.log", "a", buffering=1) as log:
         def note(text: str) -> None:
@@ -157,10 +171,17 @@ def run_pipeline(pipeline: Pipeline, runs_dir: str | os.PathLike = "papermill_ru
                 say(f"    ok in {record.seconds:.1f} s" + (f": {headline}" if headline else ""))
             result.status = "failed" if any(s.status == "failed" for s in stages) else "ok"
         except KeyboardInterrupt:
+            if previous is not None:  # stopping: a second Ctrl-C (or the kernel's interrupt reaching this
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # process group) must not cut the records short
             result.status = "interrupted"
-            note("interrupted")
+            current = next((r for r in stages if r.status == "pending"), None)
+            if current is not None:
+                current.status, current.error = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
+            note(f"interrupted{f' during stage {current.name}' if current else ''}")
             raise
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             for record in stages:
                 if record.status == "pending":
                     record.status = "skipped"

@@ -1,5 +1,6 @@
 """Strategy files and checkpoint split/merge/re-shard through mindspore.transform_checkpoints."""
 import json
+import time
 from pathlib import Path
 
 import mindspore as ms
@@ -227,3 +228,23 @@ def test_one_stage_strategy_for_pipeline_shards_is_refused(models, tmp_path):
         transform(tmp_path / "pp2", tmp_path / "full", src_strategy=tmp_path / "stages" / "ckpt_strategy_rank_0.ckpt",
                   progress=False)
     assert not (tmp_path / "full").exists()
+
+
+def test_a_rerun_removes_what_a_killed_transform_left(models, tmp_path):
+    """A SIGKILLed transform leaves DST.partial-PID and DST.work-PID-*; the next one removes them."""
+    import signal
+    import subprocess
+    import sys
+
+    dst = tmp_path / "shards"
+    proc = subprocess.Popen([sys.executable, "-m", "cllama", "ckpt", "transform", "--src", str(models[2]), "--dst",
+                             str(dst), "--mp", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("shards.work-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert any(n.startswith(f"shards.work-{proc.pid}-") for n in left) and "shards" not in left, left
+    transform(models[2], dst, dst_strategy=param_layouts(TINY, make_parallel(model_parallel=2)), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]

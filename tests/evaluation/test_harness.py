@@ -104,3 +104,16 @@ def test_notebook_runs_with_a_random_model(tmp_path):
     assert 0.0 <= results["metrics"]["pass@1"] <= 1.0 and results["metrics"]["tasks"] == 2
     assert results["figures"] and all(Path(f).is_file() for f in results["figures"])
     assert "RANDOM tiny model" in (tmp_path / "06_evaluate_humaneval.ipynb").read_text()
+
+
+def test_resuming_with_another_model_is_refused(tmp_path, model_dir, make_model_dir):
+    out = tmp_path / "he"
+    args = ["eval", "humaneval", "--limit", "1", "--max-new-tokens", "4", "--k", "1", "--sandbox-workers", "1",
+            "--out", str(out)]
+    assert main([*args, "--model", str(model_dir)]) == 0
+    assert main([*args, "--model", str(model_dir)]) == 0  # the same model resumes (nothing left to do)
+    other = make_model_dir(seed=9, seq_length=1024)  # same shapes, other weights
+    assert main([*args, "--model", str(other)]) == 2
+    settings = json.loads(evaluation.settings_path(out / "samples.jsonl").read_text())
+    assert settings["model"]["weights"] == evaluation.model_identity(model_dir)["weights"]
+    assert evaluation.model_identity(other)["weights"] != settings["model"]["weights"]
