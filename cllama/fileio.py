@@ -31,6 +31,16 @@ def work_prefix(path: str | os.PathLike) -> str:
     return f"{Path(path).name}.work-{os.getpid()}-"
 
 
+def check_destination(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """A destination a command writes whole: refused when it exists and is not empty, unless
+    `overwrite` (then the writer replaces it whole, atomically: write it through atomic_path)."""
+    path = Path(path)
+    if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
+        raise FileExistsError(f"{path}: exists and is not empty; choose a new destination or pass --overwrite "
+                              "(overwrite=True in Python and notebooks; it is then replaced whole)")
+    return path
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -23,7 +23,7 @@ from cllama.checkpoint.names import check_names, model_order, ms_to_hf_name, par
 from cllama.checkpoint.safetensors_file import SafetensorsWriter, bf16_bits_to_float32, float32_to_bf16_bits
 from cllama.checkpoint.sources import TensorSource, hf_sources, hf_weight_files, meta_sources, ms_sources
 from cllama.config import DTYPES, ModelConfig
-from cllama.fileio import copy_file, read_json, write_json
+from cllama.fileio import atomic_path, check_destination, copy_file, read_json, write_json
 
 CHUNK_BYTES = 32 << 20
 DEFAULT_SHARD_SIZE = "5GB"
@@ -312,17 +312,27 @@ def ms_to_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None =
 
 
 def convert(source_format: str, src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,
-            max_shard_size: str | int = DEFAULT_SHARD_SIZE, progress: bool = True, fmt: str = "ckpt") -> dict:
+            max_shard_size: str | int = DEFAULT_SHARD_SIZE, progress: bool = True, fmt: str = "ckpt",
+            overwrite: bool = False) -> dict:
     """Convert `src` of `source_format` ('hf' or 'meta' -> a cllama model directory with weights as
     `fmt`, ckpt or safetensors; 'ms', a model directory -> a Hugging Face folder, sharded above
-    `max_shard_size`). Returns a summary dict."""
-    if source_format == "ms":
-        return ms_to_hf(src, dst, dtype, max_shard_size, progress)
-    if source_format == "hf":
-        return hf_to_ms(src, dst, dtype, progress, fmt)
-    if source_format == "meta":
-        return meta_to_ms(src, dst, dtype, progress=progress, fmt=fmt)
-    raise ValueError(f"source format {source_format!r}: choose one of {list(SOURCE_FORMATS)}")
+    `max_shard_size`). A non-empty `dst` is refused unless `overwrite`; the result is written beside
+    it and replaces it whole when complete. Returns a summary dict."""
+    if source_format not in SOURCE_FORMATS:
+        raise ValueError(f"source format {source_format!r}: choose one of {list(SOURCE_FORMATS)}")
+    src, dst = Path(src), check_destination(dst, overwrite)
+    _distinct(src, dst)
+    with atomic_path(dst) as tmp:
+        if source_format == "ms":
+            summary = ms_to_hf(src, tmp, dtype, max_shard_size, progress)
+        elif source_format == "hf":
+            summary = hf_to_ms(src, tmp, dtype, progress, fmt)
+        else:
+            summary = meta_to_ms(src, tmp, dtype, progress=progress, fmt=fmt)
+    moved = {"dst": str(dst), "files": [str(dst / Path(f).name) for f in summary["files"]]}
+    if summary.get("tokenizer"):
+        moved["tokenizer"] = str(dst / "tokenizer.model")
+    return summary | moved
 
 
 def result_format(source_format: str) -> str:

@@ -147,19 +147,23 @@ def random_model(config: ModelConfig, seed: int = 0) -> CodeLlama:
 
 
 def save_random_model(path: str | os.PathLike, config: ModelConfig | str = "tiny", seed: int = 0,
-                      tokenizer_model: str | os.PathLike | None = None) -> Path:
+                      tokenizer_model: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """A model directory with random weights (`random_model`) and a tokenizer: the one given, else
-    the bundled Llama 2 one, extended to Code Llama's 32016 pieces when the vocabulary has them."""
+    the bundled Llama 2 one, extended to Code Llama's 32016 pieces when the vocabulary has them. A
+    non-empty `path` is refused unless `overwrite`; it is replaced whole when the new one is complete."""
+    from cllama.fileio import atomic_path, check_destination
     from cllama.tokenizer import bundled_tokenizer_path, extend_tokenizer
 
     config = ModelConfig.from_name(config) if isinstance(config, str) else config
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    if tokenizer_model is None:
-        tokenizer_model = bundled_tokenizer_path()
-        if config.vocab_size == 32016:
-            tokenizer_model = extend_tokenizer(tokenizer_model, path / "tokenizer.model")
-    return save_model_dir(random_model(config, seed), path, tokenizer_model)
+    path = check_destination(path, overwrite)
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        if tokenizer_model is None:
+            tokenizer_model = bundled_tokenizer_path()
+            if config.vocab_size == 32016:
+                tokenizer_model = extend_tokenizer(tokenizer_model, tmp / "tokenizer.model")
+        save_model_dir(random_model(config, seed), tmp, tokenizer_model)
+    return path
 
 
 def model_or_random(model_dir: str | os.PathLike | None, out_dir: str | os.PathLike,
@@ -169,7 +173,7 @@ def model_or_random(model_dir: str | os.PathLike | None, out_dir: str | os.PathL
     checkpoint at hand."""
     if model_dir:
         return Path(model_dir)
-    path = save_random_model(Path(out_dir) / "random_model", config, seed)
+    path = save_random_model(Path(out_dir) / "random_model", config, seed, overwrite=True)  # the stand-in, rebuilt
     name = config if isinstance(config, str) else f"{ModelConfig.load(path).num_params():,}-parameter"
     print(f"No model given: built a RANDOM {name} model (seed {seed}) in {path}; its outputs are "
           "gibberish, every step of the path is real. Pass a converted or trained model directory for real numbers.")

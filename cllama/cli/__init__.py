@@ -62,8 +62,15 @@ def add_run(sub) -> None:
 
 
 # ---- entry point --------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (a missing or malformed argument) as one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cllama", description="Code Llama research workbench on MindSpore")
+    parser = OneLineParser(prog="cllama", description="Code Llama research workbench on MindSpore")
     parser.add_argument("--version", action="version", version=f"cllama {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     from cllama.cli import inference, lora, plan, training

@@ -31,6 +31,19 @@ def parse_ks(text: str) -> list[int]:
     return ks
 
 
+def check_ranges(args, *bounds: tuple) -> None:
+    """Refuse out-of-range arguments before any work: each bound is (flag, low, high) with `high` None
+    for no upper bound; an argument left at None (not given) is skipped. The error is one line
+    (ValueError: `cllama` exits 2)."""
+    for flag, low, high in bounds:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is None:
+            continue
+        if value != value or value < low or (high is not None and value > high):
+            where = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ValueError(f"{flag} {value}: must be {where}")
+
+
 def command(sub, name: str, func, help: str, **kwargs) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, **kwargs)
     p.set_defaults(func=func)

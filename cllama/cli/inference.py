@@ -127,6 +127,10 @@ def _generate_with(gen, args) -> int:
 
 
 def _export(args) -> int:
+    for flag, value, low in (("--check", args.check, 0), ("--batch-size", args.batch_size, 1),
+                             ("--seq-length", args.seq_length, 2), ("--prompt-length", args.prompt_length, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} {value}: must be >= {low}")
     init_device(args)
     from cllama.checkpoint.model_dir import load_model_dir, tokenizer_of
     from cllama.generation.export import DECODE_FILE, PREFILL_FILE, compare_with_model, export_mindir

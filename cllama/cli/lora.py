@@ -2,21 +2,20 @@
 A LoRA run itself is `cllama train --config YAML` with model.model_config.pet_config."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from cllama.cli.common import command, device_arg, init_device, print_json
 
 
-def _refuse_existing(dst: str) -> None:
-    if Path(dst).exists():
-        raise FileExistsError(f"--dst {dst}: already exists; choose a new directory")
+def _refuse_existing(dst: str, overwrite: bool) -> None:
+    from cllama.fileio import check_destination
+
+    check_destination(dst, overwrite)  # written whole beside it, then renamed over it
 
 
 def _merge(args) -> int:
     init_device(args)
     from cllama.checkpoint.adapter import merge_adapter
 
-    _refuse_existing(args.dst)
+    _refuse_existing(args.dst, args.overwrite)
     path = merge_adapter(args.base, args.adapter, args.dst, args.format)
     print_json({"model_dir": str(path), "base": args.base, "adapter": args.adapter})
     return 0
@@ -26,7 +25,7 @@ def _export_peft(args) -> int:
     init_device(args)
     from cllama.checkpoint.adapter import export_peft
 
-    _refuse_existing(args.dst)
+    _refuse_existing(args.dst, args.overwrite)
     print_json({"peft_dir": str(export_peft(args.adapter, args.dst)), "adapter": args.adapter})
     return 0
 
@@ -35,7 +34,7 @@ def _import_peft(args) -> int:
     init_device(args)
     from cllama.checkpoint.adapter import import_peft
 
-    _refuse_existing(args.dst)
+    _refuse_existing(args.dst, args.overwrite)
     print_json({"adapter_dir": str(import_peft(args.src, args.base, args.dst, args.format)), "peft_dir": args.src})
     return 0
 
@@ -62,4 +61,5 @@ def add_lora(sub) -> None:
     imp.add_argument("--format", choices=list(FORMATS), default="ckpt", help="adapter.ckpt (default) or "
                                                                              "adapter.safetensors")
     for p in (merge, export, imp):
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst whole")
         device_arg(p)

@@ -5,7 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from cllama.cli.common import command, device_arg, init_device, parse_set, print_json
+from cllama.cli.common import check_ranges, command, device_arg, init_device, parse_set, print_json
+
+MAX_SHARDS = 1000  # MindRecord's FileWriter writes at most 1000 shard files
+LAYOUT_BOUNDS = (("--dp", 1, None), ("--mp", 1, None), ("--pp", 1, None))
 
 
 # ---- tokenizer, model ---------------------------------------------------------------------------
@@ -21,11 +24,12 @@ def _tokenizer_extend(args) -> int:
 def _model_init(args) -> int:
     from cllama.config import ModelConfig
 
+    check_ranges(args, ("--seed", 0, None))
     config = ModelConfig.from_name(args.preset, **parse_set(args.set))
     init_device(args)
     from cllama.checkpoint.model_dir import save_random_model
 
-    out = save_random_model(args.out, config, args.seed, args.tokenizer)
+    out = save_random_model(args.out, config, args.seed, args.tokenizer, overwrite=args.overwrite)
     print_json({"model_dir": str(out), "preset": args.preset, "params": config.num_params(),
                  "random_weights": True, "seed": args.seed})
     return 0
@@ -57,6 +61,7 @@ def add_model(sub) -> None:
     init.add_argument("--tokenizer", help="tokenizer.model to copy in (default: bundled, extended to "
                                           "32016 pieces when the vocabulary is 32016)")
     init.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    init.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
     device_arg(init)
     info = command(cmds, "info", _model_info, "config and parameter count of a preset or model directory")
     info.add_argument("source", help="preset name or model directory")
@@ -77,7 +82,8 @@ def _convert(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", convert.VocabularyWarning)  # listed in the summary below
         summary = convert.convert(CONVERSIONS[args.action][0], args.src, args.dst, args.dtype,
-                                  args.max_shard_size, progress=not args.no_progress, fmt=args.format)
+                                  args.max_shard_size, progress=not args.no_progress, fmt=args.format,
+                                  overwrite=args.overwrite)
     for message in summary["warnings"]:
         print(f"cllama convert: warning: {message}", file=sys.stderr)
     print_json(summary)
@@ -102,6 +108,7 @@ def _ckpt_strategy(args) -> int:
     from cllama.config import ModelConfig
     from cllama.distributed.strategy import device_count, memory_per_rank, write_strategy
 
+    check_ranges(args, *LAYOUT_BOUNDS)
     if bool(args.model) == bool(args.preset):
         raise ValueError("give exactly one of --model DIR or --preset NAME")
     config = ModelConfig.load(args.model) if args.model else ModelConfig.from_name(args.preset)
@@ -115,6 +122,7 @@ def _ckpt_strategy(args) -> int:
 def _ckpt_transform(args) -> int:
     from cllama.distributed.transform import transform, transform_rank
 
+    check_ranges(args, *LAYOUT_BOUNDS, ("--rank", 0, None))
     dst_strategy = args.dst_strategy
     if any(v is not None for v in (args.dp, args.mp, args.pp)):
         if dst_strategy:
@@ -154,6 +162,7 @@ def add_checkpoints(sub) -> None:
         c.add_argument("--format", choices=FORMATS, default="ckpt",
                        help="hf2ms/meta2ms: model.ckpt (default) or model.safetensors (MindSpore's safetensors)")
         c.add_argument("--no-progress", action="store_true", help="no progress bar")
+        c.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst whole")
         c.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE,
                        help=f"ms2hf: shard above this size (default {DEFAULT_SHARD_SIZE})")
     cmds = sub.add_parser("ckpt", help="distributed checkpoints: strategy files, split, merge, re-shard") \
@@ -193,8 +202,12 @@ def _data_alpaca(args) -> int:
 
 
 def _data_prepare(args) -> int:
-    from cllama.data.prepare import prepare
+    from cllama.data.prepare import MIN_SEQ_LENGTH, prepare
 
+    check_ranges(args, ("--seq-length", MIN_SEQ_LENGTH, None), ("--shards", 1, MAX_SHARDS), ("--workers", 1, None),
+                 ("--seed", 0, None), ("--max-files", 1, None), ("--fim-rate", 0.0, 1.0))
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
     prepared = prepare(args.action, args.src, args.dst, seq_length=args.seq_length, tokenizer=args.tokenizer,
                        template=getattr(args, "template", "vicuna"), glob=getattr(args, "glob", None),
                        max_files=getattr(args, "max_files", None), fim_rate=getattr(args, "fim_rate", 0.0),
@@ -231,7 +244,8 @@ def add_data(sub) -> None:
         q.add_argument("--val-fraction", type=float, default=0.0,
                        help="hold out this fraction of examples/documents as X.val.mindrecord (default 0)")
         q.add_argument("--seed", type=int, default=0, help="seed of the held-out choice and FIM draws")
-        q.add_argument("--shards", type=int, default=1, help="MindRecord files to split the training set into")
+        q.add_argument("--shards", type=int, default=1,
+                       help=f"MindRecord files to split the training set into (1..{MAX_SHARDS})")
         q.add_argument("--workers", type=int, help="tokenizer processes (default: all cores)")
         q.add_argument("--quiet", action="store_true", help="no progress bar")
     cmds.choices["qa"].add_argument("--template", default="vicuna", choices=TEMPLATES,
@@ -250,6 +264,7 @@ def _train(args) -> int:
     from cllama.train.launch import launch_plan, train_or_launch
     from cllama.train.runconfig import load_run_config
 
+    check_ranges(args, ("--workers", 1, None), ("--devices-per-node", 1, None))
     overrides = parse_set(args.set)
     if args.output_dir:
         overrides["output_dir"] = args.output_dir

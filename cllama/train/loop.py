@@ -1,4 +1,4 @@
-"""Pretraining and full finetuning on MindSpore from a run YAML (cllama.train.runconfig).
+"""Pretraining, full finetuning and LoRA finetuning on MindSpore from a run YAML (cllama.train.runconfig).
 
 `train(run)` trains in this process: on one device, or as one worker that msrun started
 (cllama.train.launch starts them).
@@ -6,6 +6,15 @@ Outputs under `run.output_dir`: `metrics.jsonl` (one record per step, flushed as
 `checkpoints/step_<N>/` (model directory + optimizer.ckpt + trainer_state.json; with
 integrated_save: False and under semi-auto parallel every rank's slices in rank_K/ + strategy.ckpt,
 see cllama.train.sharded) and `run_config.yaml` (the document the run used).
+
+Failing loudly: every batch is checked before it is fed (cllama.train.batches: token ids within the
+vocabulary, labels present when train_dataset.input_columns lists them). A diverging run stops: a
+non-finite loss or gradient norm without loss scaling; with loss scaling a non-finite loss, or gradients
+overflowing even at scale 1, on NONFINITE_PATIENCE consecutive steps (one skipped overflow step is loss
+scaling working). The diverged step is neither logged nor checkpointed, `<output_dir>/failed.json`
+records it, TrainingDiverged (RuntimeError: `cllama train` exits 1) is raised and summarize() reports
+status "failed"; a new or resumed run removes the marker. An output_dir holding an earlier run is
+resumed (`resume`) or refused, never mixed. metrics.jsonl stays strict JSON.
 """
 from __future__ import annotations
 
@@ -13,7 +22,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,11 +29,18 @@ from typing import Callable, Optional
 import numpy as np
 
 from cllama.distributed.parallel import init_parallel
-from cllama.train.metrics import read_metrics
+from cllama.train.batches import check_columns, check_length, check_token_ids, open_dataset, rank_batches
+from cllama.train.metrics import finite_or_none, read_metrics
 from cllama.train.runconfig import RunConfig, save_run_config
 
 MetricsCallback = Callable[[list], None]
 log = logging.getLogger(__name__)
+FAILED_MARKER = "failed.json"
+NONFINITE_PATIENCE = 3  # with loss scaling: consecutive non-finite losses that stop the run
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or, without loss scaling, the gradient norm) became non-finite; see the module docstring."""
 
 
 @dataclass
@@ -42,6 +57,8 @@ class TrainResult:
     tokens_per_s: Optional[float]
     val_loss: Optional[float] = None
     val_perplexity: Optional[float] = None
+    status: str = "completed"  # "failed": the run diverged (<output_dir>/failed.json)
+    error: Optional[str] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,34 +71,14 @@ class TrainResult:
 
     def summary(self) -> str:
         """One line: loss from first to last step, throughput, validation loss."""
+        if self.status != "completed":
+            return f"{self.status}: {self.error}"
         return (f"loss {self.first_loss:.3f} -> {self.final_loss:.3f} (mean of last 10: {self.loss_last10:.3f}), "
                 f"{self.tokens_per_s or 0:,.0f} tokens/s"
                 + (f", val loss {self.val_loss:.3f}" if self.val_loss else ""))
 
 
 # ---- data ----------------------------------------------------------------------------------------------
-def open_dataset(paths: list[str], batch_size: int, shuffle: bool = True, seed: int = 0, repeat: int = 1):
-    """Batched training data, a mindspore.dataset yielding int32 (batch, seq_length+1) input_ids
-    (and labels for finetuning data): the one place that knows the reader."""
-    from cllama.data.mindrecord import load_dataset
-
-    return load_dataset(paths, batch_size, shuffle=shuffle, seed=seed, repeat=repeat)
-
-
-def rank_batches(dataset, rank: int, world: int, skip: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(input_ids, labels) for this rank: rows [rank*b, (rank+1)*b) of every global batch of b*world,
-    so N workers see exactly the batches one worker sees with an N-times larger batch. Pretraining
-    data (no labels column) gets labels = input_ids. The first `skip` global batches are passed over."""
-    if skip:
-        dataset = dataset.skip(skip)
-    for item in dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
-        ids = item["input_ids"]
-        b = ids.shape[0] // world
-        labels = item.get("labels", ids)
-        yield ids[rank * b:(rank + 1) * b], labels[rank * b:(rank + 1) * b]
-
-
-# ---- the loop ----------------------------------------------------------------------------------------------
 def _device(run: RunConfig) -> str:
     from cllama.runtime import detect_device, init_context
 
@@ -173,6 +170,10 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
         check_model_dir(run.load_checkpoint, f"{run.source}: load_checkpoint: ")
         _check_start(run)
     device = _device(run)
+    want_labels = run.run_mode == "finetune" and "labels" in run.input_columns  # before any output
+    check_columns(run.train_data, want_labels, f"{run.source} (train_dataset.input_columns)")
+    if run.eval_data:
+        check_columns(run.eval_data, want_labels, f"{run.source} (train_dataset.input_columns)")
     env = init_parallel(run.parallel_config, run.parallel, run.model, device)  # no-op unless msrun started us
     if env.world == 1 and run.use_parallel and run.parallel_config.device_num > 1:
         raise ValueError(f"{run.source}: use_parallel with parallel_config for {run.parallel_config.device_num} "
@@ -190,9 +191,19 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
     out = Path(run.output_dir)
     ckpt_root = out / "checkpoints"
     resume = run.resume_training if resume is None else resume
+    earlier = latest_checkpoint(ckpt_root)
+    if not resume and (earlier is not None or (out / "metrics.jsonl").is_file()):  # never mix two runs
+        held = f"checkpoint {earlier.name}" if earlier is not None else "metrics.jsonl"
+        raise ValueError(f"{run.source}: output_dir {out} holds an earlier run ({held}); continue it with --resume "
+                         "(resume_training: True) or choose a new output_dir")
+    if env.world > 1:  # every rank has looked before rank 0 writes anything
+        from cllama.train.sharded import barrier
+
+        barrier(env)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(ckpt_root)
+        (out / FAILED_MARKER).unlink(missing_ok=True)  # this attempt decides the run's status
         save_run_config(run, out / "run_config.yaml")
     if semi:  # MindSpore writes each rank's strategy file when the step compiles
         ms.set_auto_parallel_context(strategy_ckpt_config=strategy_save_config(out.resolve(), env.rank,
@@ -225,7 +236,8 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
     sharded = semi or not run.integrated_save
     strategy = None
     if semi:  # compile first: the parameters are sliced and MindSpore has written the strategy files
-        ids, _ = next(rank_batches(open_dataset(run.train_data, global_batch, False), 0, 1))
+        ids, labels = next(rank_batches(open_dataset(run.train_data, global_batch, False), 0, 1))
+        check_token_ids(ids, labels, run.model.vocab_size, run.model.ignore_token_id, run.train_data)
         step_cell.compile(Tensor(ids, ms.int32), Tensor(ids, ms.int32), Tensor(0.0, ms.float32))
     if sharded:
         strategy = run_strategy(out, env, model, pc)
@@ -247,56 +259,94 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
         log_file = MetricsLog(out / "metrics.jsonl", after_step=start if latest is not None else None)
     records = list(read_metrics(out / "metrics.jsonl")) if env.is_main else []
     bar = tqdm(total=total, initial=start, disable=not (progress and env.is_main), desc="train", unit="step")
-    seq_checked, last_state = False, None
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        lr = schedule(step)
-        micro_losses = []
-        for _ in range(run.accumulate - 1):
+    seq_checked, last_state, nonfinite, at_floor = False, None, 0, 0
+    vocab, ignore_id = run.model.vocab_size, run.model.ignore_token_id
+    try:  # the bar ends its line and the metrics file is closed however the loop ends
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            lr = schedule(step)
+            micro_losses = []
+            for _ in range(run.accumulate - 1):
+                ids, labels = next(batches)
+                check_token_ids(ids, labels, vocab, ignore_id, run.train_data)
+                micro_losses.append(accumulate_cell(Tensor(ids, ms.int32), Tensor(labels, ms.int32)))
             ids, labels = next(batches)
-            micro_losses.append(accumulate_cell(Tensor(ids, ms.int32), Tensor(labels, ms.int32)))
-        ids, labels = next(batches)
-        if not seq_checked:
-            _check_length(run, ids, model.config.seq_length)
-            seq_checked = True
-        loss, norm, overflow, scale = step_cell(Tensor(ids, ms.int32), Tensor(labels, ms.int32),
-                                                Tensor(lr, ms.float32))
-        loss = float(np.mean([float(x.asnumpy()) for x in micro_losses] + [float(loss.asnumpy())]))
-        seconds = time.perf_counter() - t0
-        consumed += run.accumulate
-        tokens = global_batch * run.accumulate * (ids.shape[1] - 1)
-        record = {"step": step + 1, "epoch": consumed // per_epoch, "loss": loss, "lr": lr,
-                  "grad_norm": float(norm.asnumpy()), "tokens_per_s": tokens / seconds, "seconds": seconds,
-                  "tokens": tokens}
-        if step == start:
-            record["compile"] = True  # first step of this process: includes graph compilation
-        if run.loss_scale is not None:
-            record.update(loss_scale=float(scale.asnumpy()), overflow=bool(overflow.asnumpy()))
-        last = step + 1 == total
-        if evaluate is not None and ((step + 1) % run.eval_interval == 0 or last):
-            record["val_loss"] = evaluate()
-            record["val_perplexity"] = math.exp(min(record["val_loss"], 80.0))
-        last_state = {"step": step + 1, "epoch": consumed // per_epoch, "samples_consumed": consumed * global_batch,
-                      "seed": run.seed, "lr": lr, "next_lr": schedule(step + 1), "loss": loss,
-                      "loss_scale": float(scale.asnumpy()), "total_steps": total, "global_batch_size": global_batch,
-                      "gradient_accumulation_steps": run.accumulate, "world": env.world,
-                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        if env.is_main:
-            log_file.write(record)
-            records.append(record)
-        if (run.save_steps and (step + 1) % run.save_steps == 0) or last:
-            _save(run, env, ckpt_root, model, optimizer, step_cell, last_state, tokenizer, strategy)
-        if env.is_main and on_metrics is not None and ((step + 1) % metrics_every == 0 or last):
-            on_metrics(records)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        bar.update(1)
-    bar.close()
+            check_token_ids(ids, labels, vocab, ignore_id, run.train_data)
+            if not seq_checked:
+                check_length(run, ids, model.config.seq_length)
+                seq_checked = True
+            loss, norm, overflow, scale = step_cell(Tensor(ids, ms.int32), Tensor(labels, ms.int32),
+                                                    Tensor(lr, ms.float32))
+            loss = float(np.mean([float(x.asnumpy()) for x in micro_losses] + [float(loss.asnumpy())]))
+            grad_norm = float(norm.asnumpy())
+            seconds = time.perf_counter() - t0
+            if run.loss_scale is None:  # the step has applied the update: non-finite weights from here on
+                diverged = not (math.isfinite(loss) and math.isfinite(grad_norm))
+            else:  # an overflow step is skipped (weights unchanged); only a persisting non-finite loss stops, or
+                # gradients that overflow even at loss scale 1 (the scale cannot go lower: they are non-finite)
+                nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
+                at_floor = at_floor + 1 if bool(overflow.asnumpy()) and float(scale.asnumpy()) <= 1.0 else 0
+                diverged = max(nonfinite, at_floor) >= NONFINITE_PATIENCE
+            if diverged:
+                _fail(run, env, out, ckpt_root, step + 1, loss, grad_norm, lr, max(nonfinite, at_floor))
+            consumed += run.accumulate
+            tokens = global_batch * run.accumulate * (ids.shape[1] - 1)
+            record = {"step": step + 1, "epoch": consumed // per_epoch, "loss": loss, "lr": lr,
+                      "grad_norm": grad_norm, "tokens_per_s": tokens / seconds, "seconds": seconds,
+                      "tokens": tokens}
+            if step == start:
+                record["compile"] = True  # first step of this process: includes graph compilation
+            if run.loss_scale is not None:
+                record.update(loss_scale=float(scale.asnumpy()), overflow=bool(overflow.asnumpy()))
+            last = step + 1 == total
+            if evaluate is not None and ((step + 1) % run.eval_interval == 0 or last):
+                record["val_loss"] = evaluate()
+                record["val_perplexity"] = math.exp(min(record["val_loss"], 80.0))
+            last_state = {"step": step + 1, "epoch": consumed // per_epoch, "samples_consumed": consumed * global_batch,
+                          "seed": run.seed, "lr": lr, "next_lr": schedule(step + 1), "loss": loss,
+                          "loss_scale": float(scale.asnumpy()), "total_steps": total, "global_batch_size": global_batch,
+                          "gradient_accumulation_steps": run.accumulate, "world": env.world,
+                          "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            last_state = finite_or_none(last_state)  # trainer_state.json stays strict JSON
+            if env.is_main:
+                log_file.write(record)
+                records.append(record)
+            if (run.save_steps and (step + 1) % run.save_steps == 0) or last:
+                _save(run, env, ckpt_root, model, optimizer, step_cell, last_state, tokenizer, strategy)
+            if env.is_main and on_metrics is not None and ((step + 1) % metrics_every == 0 or last):
+                on_metrics(records)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            bar.update(1)
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
     if not env.is_main:
         return None
-    log_file.close()
     if start >= total and on_metrics is not None:
         on_metrics(records)
     return summarize(out)
+
+
+def _fail(run: RunConfig, env, out: Path, ckpt_root: Path, step: int, loss: float, grad_norm: float, lr: float,
+          repeats: int) -> None:
+    """Write the failed marker (rank 0) and raise TrainingDiverged; nothing of this step is saved."""
+    from cllama.fileio import atomic_write
+    from cllama.train.checkpoints import latest_checkpoint
+    from cllama.train.metrics import dumps
+
+    latest = latest_checkpoint(ckpt_root)
+    what = f"loss {loss}, gradient norm {grad_norm}" if run.loss_scale is None else \
+        f"loss {loss}, gradient norm {grad_norm} (overflow even at loss scale 1, or a non-finite loss) on " \
+        f"{repeats} consecutive steps (loss scaling)"
+    error = (f"{run.source}: training diverged at step {step}: {what} at learning rate {lr:.3g}; stopped without "
+             f"saving this step (newest finite checkpoint: {latest or 'none'}); lower lr_schedule.learning_rate, "
+             "raise warmup, keep runner_wrapper.use_clip_grad, or check the data")
+    if env.is_main:
+        atomic_write(out / FAILED_MARKER, dumps({"status": "failed", "step": step, "loss": loss, "grad_norm": grad_norm,
+                                                 "lr": lr, "error": error,
+                                                 "checkpoint": str(latest) if latest else None}) + "\n")
+    raise TrainingDiverged(error)
 
 
 def _restore(run: RunConfig, env, model, optimizer, step_cell, latest: Optional[Path], semi: bool, out: Path,
@@ -347,12 +397,6 @@ def _save(run: RunConfig, env, root: Path, model, optimizer, step_cell, state: d
                         run.checkpoint_format, run.load_checkpoint)
 
 
-def _check_length(run: RunConfig, ids: np.ndarray, seq_length: int) -> None:
-    if ids.shape[1] - 1 > seq_length:
-        raise ValueError(f"{run.train_data[0]}: samples hold {ids.shape[1]} tokens (seq_length+1) but "
-                         f"model.model_config.seq_length is {seq_length}; raise seq_length to {ids.shape[1] - 1}")
-
-
 def _evaluator(run: RunConfig, model, eval_cell_type) -> Callable[[], float]:
     """Mean loss over the validation set (first eval_batches batches when set), no shuffling."""
     import mindspore as ms
@@ -367,6 +411,7 @@ def _evaluator(run: RunConfig, model, eval_cell_type) -> Callable[[], float]:
         for i, (ids, labels) in enumerate(rank_batches(open_dataset(run.eval_data, batch, False), 0, 1)):
             if run.eval_batches and i >= run.eval_batches:
                 break
+            check_token_ids(ids, labels, run.model.vocab_size, run.model.ignore_token_id, run.eval_data)
             losses.append(float(cell(Tensor(ids, ms.int32), Tensor(labels, ms.int32)).asnumpy()))
         model.set_train(True)
         return float(np.mean(losses))
@@ -377,20 +422,28 @@ def _evaluator(run: RunConfig, model, eval_cell_type) -> Callable[[], float]:
 # ---- results ----------------------------------------------------------------------------------------------
 def summarize(output_dir: str | os.PathLike) -> TrainResult:
     """Final loss, tokens/s (steps that did not compile), validation figures and the newest
-    checkpoint of a run directory."""
+    checkpoint of a run directory; status "failed" (and the error) when it has a failed marker."""
+    from cllama.fileio import read_json
     from cllama.train.checkpoints import latest_checkpoint
 
     out = Path(output_dir)
     records = read_metrics(out / "metrics.jsonl")
-    if not records:
+    failed = read_json(out / FAILED_MARKER, FAILED_MARKER) if (out / FAILED_MARKER).is_file() else None
+    if not records and failed is None:
         raise FileNotFoundError(f"{out}/metrics.jsonl: no training records; did the run start?")
+    status = {"status": "failed", "error": failed.get("error")} if failed else {}
+    latest = latest_checkpoint(out / "checkpoints")
+    if not records:
+        return TrainResult(output_dir=str(out), checkpoint=str(latest) if latest else None,
+                           metrics=str(out / "metrics.jsonl"), steps=0, final_loss=None, loss_last10=None,
+                           first_loss=None, tokens_per_s=None, **status)
+    losses = [r["loss"] for r in records[-10:] if r.get("loss") is not None]
     timed = [r for r in records if not r.get("compile")]
     tokens_per_s = (sum(r["tokens"] for r in timed) / sum(r["seconds"] for r in timed)) if timed else None
     evals = [r for r in records if "val_loss" in r]
-    latest = latest_checkpoint(out / "checkpoints")
     return TrainResult(
         output_dir=str(out), checkpoint=str(latest) if latest else None, metrics=str(out / "metrics.jsonl"),
         steps=records[-1]["step"], final_loss=records[-1]["loss"], first_loss=records[0]["loss"],
-        loss_last10=float(np.mean([r["loss"] for r in records[-10:]])), tokens_per_s=tokens_per_s,
+        loss_last10=float(np.mean(losses)) if losses else None, tokens_per_s=tokens_per_s,
         val_loss=evals[-1]["val_loss"] if evals else None,
-        val_perplexity=evals[-1]["val_perplexity"] if evals else None)
+        val_perplexity=evals[-1]["val_perplexity"] if evals else None, **status)

@@ -79,19 +79,32 @@ def build_lr_schedule(block: dict, total_steps: int, source: str = "lr_schedule"
     for key in ("learning_rate", "lr_end", "warmup_lr_init", "num_cycles", "warmup_ratio"):
         if values.get(key) is not None:
             values[key] = _number(values[key], f"{source}.{key}")
+            if values[key] < 0:  # a negative rate climbs the loss instead of descending it
+                raise ValueError(f"{source}.{key}: must be >= 0 (got {values[key]})")
     for key in ("total_steps", "warmup_steps", "decay_steps"):
         if values.get(key) is not None:
-            values[key] = int(_number(values[key], f"{source}.{key}"))
+            number = _number(values[key], f"{source}.{key}")
+            if number != int(number) or (number < 0 and not (key == "total_steps" and number == -1)):
+                raise ValueError(f"{source}.{key}: must be a whole number >= 0"
+                                 + (" (or -1: the run's number of steps)" if key == "total_steps" else "")
+                                 + f" (got {values[key]!r})")
+            values[key] = int(number)
     if "learning_rate" not in values:
         raise ValueError(f"{source}.learning_rate: missing; e.g. learning_rate: 1.e-5")
+    if values["learning_rate"] == 0:
+        raise ValueError(f"{source}.learning_rate: must be > 0 (got 0: nothing would train)")
     return CosineWithWarmUpLR(**values)
 
 
 def _number(value, where: str) -> float:
+    """A finite number: NaN and infinities (YAML `.nan`, `.inf`) are refused, as is `true`."""
     try:
-        return float(value)  # YAML reads `1e-5` (no dot) as a string
+        number = float(value)  # YAML reads `1e-5` (no dot) as a string
     except (TypeError, ValueError):
         raise ValueError(f"{where}: must be a number (got {value!r})") from None
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(f"{where}: must be a finite number (got {value!r})")
+    return number
 
 
 # ---- gradients --------------------------------------------------------------------------------
@@ -206,6 +219,10 @@ def optimizer_settings(block: dict, source: str = "optimizer") -> dict:
     for name in ("beta1", "beta2"):
         if not 0.0 <= values[name] < 1.0:
             raise ValueError(f"{source}.{name}: must be in [0, 1) (got {values[name]})")
+    if "learning_rate" in block:  # MindFormers' place for it; the schedule's learning_rate is the one used
+        rate = _number(block["learning_rate"], f"{source}.learning_rate")
+        if rate <= 0:
+            raise ValueError(f"{source}.learning_rate: must be > 0 (got {rate})")
     if values["eps"] <= 0 or values["weight_decay"] < 0:
         raise ValueError(f"{source}: eps must be > 0 and weight_decay >= 0 (got {values['eps']}, "
                          f"{values['weight_decay']})")

@@ -8,9 +8,18 @@ callbacks (CheckpointMointor: save_checkpoint_steps, keep_checkpoint_max, integr
 (device_target), model.model_config (its pet_config: LoRA), processor.tokenizer.vocab_file,
 runner_wrapper (use_clip_grad, max_grad_norm, scale_sense). Other MindFormers keys of the model card's
 YAML are accepted and ignored.
+
+Every section is checked the same way (SECTION_KEYS): a key cllama reads is used, a MindFormers key it
+reads but does not act on (e.g. runner_config.sink_mode, context.max_call_depth, model.arch) is listed as
+known-but-ignored and logged once (logging, INFO) as ignored, and any other key is a ValueError naming the
+section, the key and the closest known key (a typo such as runner_config.batchsize must not train at the
+YAML's default).
 """
 from __future__ import annotations
 
+import difflib
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +46,50 @@ TOP_LEVEL_KEYS = {
 RUN_MODES = ("train", "finetune")
 RECOMPUTE_OPTIONS = ("mp_comm_recompute", "parallel_optimizer_comm_recompute", "recompute_slice_activation")
 CALLBACK_TYPES = ("MFLossMonitor", "CheckpointMointor", "CheckpointMonitor", "ObsMonitor", "SummaryMonitor")
+INPUT_COLUMNS = ("input_ids", "labels")
+log = logging.getLogger(__name__)
+
+# section -> (keys cllama uses, MindFormers keys it accepts and ignores)
+_DATASET_IGNORED = ("input_columns", "output_columns", "num_parallel_workers", "python_multiprocessing",
+                    "drop_remainder", "batch_size", "repeat", "numa_enable", "prefetch_size", "seed", "tokenizer",
+                    "max_length", "pad_token_id", "eod_reset", "construct_args_key", "column_names")
+_CHECKPOINT_KEYS = ("type", "save_checkpoint_steps", "keep_checkpoint_max", "integrated_save", "checkpoint_format")
+SECTION_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "runner_config": (("epochs", "batch_size", "gradient_accumulation_steps", "max_steps"),
+                      ("sink_mode", "sink_size", "initial_epoch", "initial_step", "per_epoch_size", "num_classes")),
+    "train_dataset": (("data_loader", "input_columns"), _DATASET_IGNORED),
+    "eval_dataset": (("data_loader", "max_batches"), _DATASET_IGNORED),
+    "data_loader": (("dataset_dir", "shuffle"), ("type", "dataset_files", "num_shards", "shard_id")),
+    "context": (("device_target",),
+                ("mode", "enable_graph_kernel", "graph_kernel_flags", "max_call_depth", "max_device_memory",
+                 "save_graphs", "save_graphs_path", "device_id", "runtime_num_threads", "jit_config",
+                 "memory_optimize_level", "ascend_config", "mempool_block_size", "jit_level", "infer_boost",
+                 "enable_compile_cache", "compile_cache_path", "affinity_cpu_list", "deterministic")),
+    "runner_wrapper": (("use_clip_grad", "max_grad_norm", "scale_sense"),
+                       ("type", "local_norm", "calculate_per_token_loss", "use_skip_data_by_global_norm")),
+    "scale_sense": (("type", "loss_scale_value", "scale_factor", "scale_window"), ()),
+    "model": (("model_config",), ("arch",)),
+    "recompute_config": (("recompute", "select_recompute") + RECOMPUTE_OPTIONS,
+                         ("select_comm_recompute", "select_recompute_exclude", "select_comm_recompute_exclude")),
+    "processor": (("tokenizer",), ("return_tensors", "type", "image_processor")),
+    "tokenizer": (("vocab_file",),
+                  ("type", "unk_token", "bos_token", "eos_token", "pad_token", "add_bos_token", "add_eos_token",
+                   "legacy", "padding_side", "model_max_length", "tokenizer_file", "chat_template")),
+    "CheckpointMointor": (_CHECKPOINT_KEYS,
+                          ("prefix", "directory", "async_save", "save_network_params", "save_trainable_params",
+                           "keep_checkpoint_per_n_minutes", "save_checkpoint_seconds", "remove_redundancy",
+                           "embedding_local_norm_threshold", "checkpoint_format_type", "exception_save")),
+    "MFLossMonitor": (("type",), ("per_print_times", "learning_rate", "micro_batch_num", "micro_batch_interleave_num",
+                                  "origin_epochs", "dataset_size", "initial_epoch", "initial_step",
+                                  "global_batch_size", "gradient_accumulation_steps",
+                                  "check_for_nan_in_loss_and_grad")),
+    "ObsMonitor": (("type",), ("src_dir", "target_dir", "step_upload_frequence", "epoch_upload_frequence",
+                               "keep_last", "rank_id")),
+    "SummaryMonitor": (("type",), ("summary_dir", "collect_freq", "collect_specified_data", "keep_default_action",
+                                   "custom_lineage_data", "collect_tensor_freq", "max_file_size", "export_options")),
+}
+SECTION_KEYS["CheckpointMonitor"] = SECTION_KEYS["CheckpointMointor"]
+_logged_ignored: set[str] = set()  # where.key, logged once per process
 
 
 @dataclass
@@ -76,6 +129,7 @@ class RunConfig:
     integrated_save: bool = True  # False: every rank saves its own slices (always so under semi-auto parallel)
     checkpoint_format: str = "ckpt"
     tokenizer: str = ""
+    input_columns: list = field(default_factory=lambda: ["input_ids"])  # with labels: the data must have them
     lora: Optional[LoraConfig] = None  # model.model_config.pet_config: LoRA finetuning
 
     def parallel_settings(self, device: str = "Ascend", device_num: Optional[int] = None) -> dict:
@@ -169,6 +223,7 @@ def parse_run_config(doc: dict, source: str = "run config") -> RunConfig:
     model = ModelConfig.from_dict(block, source=f"{source}: model.model_config")
     runner = doc.get("runner_config") or {}
     run = RunConfig(doc=doc, source=source, model=model)
+    _check_sections(doc, bad)
     if pet is not None:
         run.lora = LoraConfig.from_pet_config(pet, f"{source}: model.model_config.pet_config")
         run.lora.targets(model, f"{source}: model.model_config.pet_config")
@@ -185,13 +240,24 @@ def parse_run_config(doc: dict, source: str = "run config") -> RunConfig:
                           "runner_config.gradient_accumulation_steps", bad, 1)
     run.max_steps = _int(runner.get("max_steps", -1), "runner_config.max_steps", bad, -1)
     run.optimizer = dict(doc.get("optimizer") or {"type": "FP32StateAdamWeightDecay"})
+    from cllama.train.optim import build_lr_schedule, optimizer_settings
+
+    optimizer_settings(run.optimizer, source=f"{source}: optimizer")  # before learning_rate moves to the schedule
     run.lr_schedule = dict(doc.get("lr_schedule") or {})
     if not run.lr_schedule:
         run.lr_schedule = {"type": "CosineWithWarmUpLR", "learning_rate": run.optimizer.get("learning_rate", 1e-5)}
     run.optimizer.pop("learning_rate", None)  # the schedule sets the rate, as in MindFormers
-    loader = ((doc.get("train_dataset") or {}).get("data_loader") or {})
+    train_block = doc.get("train_dataset") or {}
+    loader = train_block.get("data_loader") or {}
     run.train_data = _paths(loader.get("dataset_dir"))
     run.shuffle = bool(loader.get("shuffle", True))
+    default_columns = list(INPUT_COLUMNS) if run.run_mode == "finetune" else ["input_ids"]
+    columns = train_block.get("input_columns", default_columns)
+    if (not isinstance(columns, (list, tuple)) or "input_ids" not in columns
+            or any(c not in INPUT_COLUMNS for c in columns)):
+        raise bad("train_dataset.input_columns", f"{columns!r}; use [input_ids] (pretraining data) or "
+                                                 "[input_ids, labels] (qa data: only answer tokens carry loss)")
+    run.input_columns = [str(c) for c in columns]
     eval_block = doc.get("eval_dataset") or {}
     run.eval_data = _paths((eval_block.get("data_loader") or {}).get("dataset_dir"))
     run.eval_batches = _int(eval_block.get("max_batches", 0), "eval_dataset.max_batches", bad, 0)
@@ -216,7 +282,9 @@ def parse_run_config(doc: dict, source: str = "run config") -> RunConfig:
     run.select_recompute = bool(recompute.get("select_recompute", False))
     run.recompute_options = {k: bool(recompute[k]) for k in RECOMPUTE_OPTIONS if k in recompute}
     wrapper = doc.get("runner_wrapper") or {}
-    run.max_grad_norm = float(wrapper.get("max_grad_norm", 1.0)) if wrapper.get("use_clip_grad", True) else None
+    run.max_grad_norm = None
+    if wrapper.get("use_clip_grad", True):
+        run.max_grad_norm = _positive(wrapper.get("max_grad_norm", 1.0), "runner_wrapper.max_grad_norm", bad)
     run.loss_scale = _loss_scale(wrapper.get("scale_sense"), bad)
     for cb in doc.get("callbacks") or []:
         kind = cb.get("type") if isinstance(cb, dict) else None
@@ -232,9 +300,6 @@ def parse_run_config(doc: dict, source: str = "run config") -> RunConfig:
                 raise bad("CheckpointMointor.checkpoint_format", f"{run.checkpoint_format!r}; use ckpt or safetensors")
     tokenizer = ((doc.get("processor") or {}).get("tokenizer") or {}).get("vocab_file")
     run.tokenizer = str(tokenizer or "")
-    from cllama.train.optim import build_lr_schedule, optimizer_settings
-
-    optimizer_settings(run.optimizer, source=f"{source}: optimizer")
     build_lr_schedule(run.lr_schedule, 1000, source=f"{source}: lr_schedule")  # checks the block
     return run
 
@@ -243,6 +308,70 @@ def _int(value: Any, where: str, bad: Callable, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < minimum:
         raise bad(where, f"must be an integer >= {minimum} (got {value!r})")
     return int(value)
+
+
+def _positive(value: Any, where: str, bad: Callable, minimum: float = 0.0) -> float:
+    """A finite number > minimum (YAML's `1e-5` without a dot is a string: read it as a number)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise bad(where, f"must be a number (got {value!r})") from None
+    if isinstance(value, bool) or not math.isfinite(number) or number <= minimum:
+        raise bad(where, f"must be a finite number > {minimum:g} (got {value!r})")
+    return number
+
+
+def _check_keys(block: Any, section: str, where: str, bad: Callable, seen: list) -> None:
+    """`block` (the YAML mapping at `where`) holds only SECTION_KEYS[section]'s keys; the ignored ones
+    present are added to `seen` as `where.key`."""
+    if block is None:
+        return
+    if not isinstance(block, dict):
+        raise bad(where, f"must be a mapping of keys (got {block!r})")
+    used, ignored = SECTION_KEYS[section]
+    known = list(used) + list(ignored)
+    for key in block:
+        if key in used:
+            continue
+        if key in ignored:
+            seen.append(f"{where}.{key}")
+        else:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise bad(f"{where}.{key}", f"unknown key in {where}; {hint}known keys: {sorted(used)} (used), "
+                                        f"{sorted(ignored)} (accepted, ignored)")
+
+
+def _check_sections(doc: dict, bad: Callable) -> None:
+    """Every section's keys (see SECTION_KEYS); model.model_config is checked by ModelConfig.from_dict.
+    The known-but-ignored keys are logged once per process (one INFO line per new set of keys)."""
+    seen: list[str] = []
+    for section in ("runner_config", "train_dataset", "eval_dataset", "context", "runner_wrapper", "model",
+                    "recompute_config", "processor"):
+        _check_keys(doc.get(section), section, section, bad, seen)
+    for section in ("train_dataset", "eval_dataset"):
+        block = doc.get(section) or {}
+        if isinstance(block, dict):
+            _check_keys(block.get("data_loader"), "data_loader", f"{section}.data_loader", bad, seen)
+    processor = doc.get("processor") or {}
+    _check_keys(processor.get("tokenizer") if isinstance(processor, dict) else None, "tokenizer",
+                "processor.tokenizer", bad, seen)
+    wrapper = doc.get("runner_wrapper") or {}
+    scale = wrapper.get("scale_sense") if isinstance(wrapper, dict) else None
+    if isinstance(scale, dict):
+        _check_keys(scale, "scale_sense", "runner_wrapper.scale_sense", bad, seen)
+    callbacks = doc.get("callbacks")
+    if callbacks is not None and not isinstance(callbacks, list):
+        raise bad("callbacks", f"must be a list of {{type: ...}} blocks (got {callbacks!r})")
+    for cb in callbacks or []:
+        kind = cb.get("type") if isinstance(cb, dict) else None
+        if kind not in CALLBACK_TYPES:
+            raise bad("callbacks", f"type {kind!r} is not one of {list(CALLBACK_TYPES)}")
+        _check_keys(cb, kind, f"callbacks.{kind}", bad, seen)
+    new = [key for key in seen if key not in _logged_ignored]
+    if new:
+        _logged_ignored.update(new)
+        log.info("MindFormers keys cllama reads but does not act on (ignored): %s", ", ".join(new))
 
 
 def _paths(value: Any) -> list[str]:
@@ -258,8 +387,10 @@ def _loss_scale(value: Any, bad: Callable) -> Optional[dict]:
     if not isinstance(value, dict) or value.get("type") != "DynamicLossScaleUpdateCell":
         raise bad("runner_wrapper.scale_sense", "use {type: DynamicLossScaleUpdateCell, loss_scale_value, "
                                                 "scale_factor, scale_window}, or omit it (no loss scaling)")
-    return {k: float(value.get(k, d)) for k, d in
-            (("loss_scale_value", 65536), ("scale_factor", 2), ("scale_window", 1000))}
+    where = "runner_wrapper.scale_sense"
+    return {"loss_scale_value": _positive(value.get("loss_scale_value", 65536), f"{where}.loss_scale_value", bad),
+            "scale_factor": _positive(value.get("scale_factor", 2), f"{where}.scale_factor", bad, 1.0),
+            "scale_window": float(_int(value.get("scale_window", 1000), f"{where}.scale_window", bad, 1))}
 
 
 def run_from_params(config: str | os.PathLike, output_dir: str | os.PathLike, data: str, val_data: str = "",

@@ -255,3 +255,19 @@ def test_cli_convert(hf_dirs, tmp_path, capsys):
     assert err.startswith("cllama convert: error:") and "nowhere/config.json: missing" in err
     assert main(["convert", "ms2hf", "--src", str(hf_dirs / "single"), "--dst", str(tmp_path / "y")]) == 2
     assert "Hugging Face config.json" in capsys.readouterr().err
+
+
+def test_a_used_destination_is_refused_unless_overwrite_and_then_replaced_whole(hf_dirs, tmp_path):
+    from cllama.checkpoint.convert import convert
+
+    dst = tmp_path / "m"
+    dst.mkdir()
+    (dst / "model.ckpt").write_bytes(b"trained weights")
+    (dst / "optimizer.ckpt").write_bytes(b"optimizer state")  # must not survive beside new weights
+    with pytest.raises(FileExistsError, match="exists and is not empty; choose a new destination or pass --overwrite"):
+        convert("hf", hf_dirs / "single", dst, progress=False)
+    assert (dst / "model.ckpt").read_bytes() == b"trained weights"
+    summary = convert("hf", hf_dirs / "single", dst, progress=False, overwrite=True)
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.ckpt"]
+    assert summary["dst"] == str(dst) and summary["files"] == [str(dst / "model.ckpt")]
+    assert not list(tmp_path.glob("m.partial-*"))

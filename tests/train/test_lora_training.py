@@ -159,9 +159,17 @@ def test_two_msrun_workers_train_lora_like_one_worker_with_the_doubled_batch(bas
 
     data = prepare_code(Path(os.__file__).parent, tmp_path / "code.mindrecord", seq_length=64, glob="*.py",
                         max_files=6, tokenizer=llama2_tokenizer_path, workers=1, progress=False).path
-    short = {"runner_config.max_steps": 4, "callbacks.CheckpointMointor.save_checkpoint_steps": 4}
+    short = {"runner_config.max_steps": 4, "callbacks.CheckpointMointor.save_checkpoint_steps": 4,
+             "train_dataset.input_columns": ["input_ids"]}  # packed pretraining rows: no labels column
     one = train(lora_run(tmp_path / "one", data, base_dir, **short, **{"runner_config.batch_size": 8}),
                 progress=False)
     two = launch(lora_run(tmp_path / "two", data, base_dir, **short), workers=2, timeout_s=600)
     ref, got = _adapters(Path(one.checkpoint)), _adapters(Path(two.checkpoint))
     assert max(np.abs(got[n] - ref[n]).max() for n in ref) < 1e-5
+
+
+def test_a_used_output_dir_is_resumed_or_refused(uninterrupted, qa_data, base_dir):
+    out, result = uninterrupted
+    with pytest.raises(ValueError, match=r"holds an earlier run \(checkpoint step_30\); continue it with --resume"):
+        train(lora_run(out, qa_data, base_dir, **{"runner_config.max_steps": 2}), progress=False)
+    assert [s for s, _ in checkpoint_steps(out / "checkpoints")] == [20, 30]  # nothing rotated away
