@@ -171,7 +171,7 @@ def generate_samples(generator, tasks: Mapping[str, dict], path: str | os.PathLi
     done = _resume(path, settings, n_samples)
     ordered = list(tasks.values())
     groups = [ordered[i:i + group] for i in range(0, len(ordered), group)]
-    bar = tqdm(total=len(tasks), initial=len(done), desc="generate", disable=not progress)
+    bar = tqdm(total=len(tasks), initial=sum(tid in done for tid in tasks), desc="generate", disable=not progress)
     with open(path, "a", encoding="utf-8") as f:
         for chunk in groups:
             missing = [t for t in chunk if t["task_id"] not in done]
