@@ -103,3 +103,24 @@ def run_notebook(name: str, tmp_path: Path, cwd: Path | None = None, **parameter
     papermill.execute_notebook(str(ROOT / "notebooks" / name), str(tmp_path / name), parameters=parameters,
                                kernel_name="python3", progress_bar=False, cwd=str(cwd or tmp_path))
     return json.loads((Path(parameters["output_dir"]) / "results.json").read_text())
+
+
+def sigkill_after_first_checkpoint(config: Path, out: Path, timeout: float = 240) -> None:
+    """`cllama train --config config` in a subprocess, SIGKILLed as soon as its first checkpoint under
+    out/checkpoints is complete (wherever the save of a later one has got to)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cllama.train.checkpoints import checkpoint_steps
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GLOG_v="3")
+    proc = subprocess.Popen([sys.executable, "-m", "cllama", "train", "--config", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not checkpoint_steps(out / "checkpoints") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]

@@ -1,10 +1,5 @@
 """Training runs on the bundled data: loss goes down, checkpoints, metrics, SIGKILL + resume, configs."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mindspore as ms
@@ -17,7 +12,7 @@ from cllama.train.checkpoints import checkpoint_steps
 from cllama.train.loop import train
 from cllama.train.metrics import read_metrics
 from cllama.train.runconfig import load_run_config, save_run_config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sigkill_after_first_checkpoint
 
 FINETUNE = ROOT / "configs" / "tiny" / "finetune.yaml"
 CARD_34B = ROOT / "configs" / "codellama" / "run_codellama_34b_910b.yaml"
@@ -97,15 +92,7 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(hundred, qa_d
     out = tmp_path / "killed"
     run = tiny_run(out, qa_data, start_dir)
     config = save_run_config(run, tmp_path / "run.yaml")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), GLOG_v="3")
-    proc = subprocess.Popen([sys.executable, "-m", "cllama", "train", "--config", str(config)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not checkpoint_steps(out / "checkpoints") and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    sigkill_after_first_checkpoint(config, out)
     saved = checkpoint_steps(out / "checkpoints")
     assert saved and saved[-1][0] < 100
     for _, path in saved:  # whatever the kill interrupted, final names hold complete checkpoints

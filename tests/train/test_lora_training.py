@@ -2,10 +2,6 @@
 the same adapters, rank slices merge into an adapter directory, the result merges into a model."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mindspore as ms
@@ -19,7 +15,7 @@ from cllama.train.checkpoints import checkpoint_steps
 from cllama.train.loop import train
 from cllama.train.metrics import read_metrics
 from cllama.train.runconfig import load_run_config, save_run_config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sigkill_after_first_checkpoint
 
 LORA = ROOT / "configs" / "tiny" / "lora.yaml"
 STEPS = 30
@@ -91,15 +87,7 @@ def test_lora_run_trains_and_checkpoints_adapters_only(uninterrupted, base_dir):
 def test_lora_sigkill_then_resume_gives_the_same_adapters(uninterrupted, qa_data, base_dir, tmp_path):
     out = tmp_path / "killed"
     config = save_run_config(lora_run(out, qa_data, base_dir), tmp_path / "run.yaml")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), GLOG_v="3")
-    proc = subprocess.Popen([sys.executable, "-m", "cllama", "train", "--config", str(config)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not checkpoint_steps(out / "checkpoints") and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    sigkill_after_first_checkpoint(config, out)
     saved = checkpoint_steps(out / "checkpoints")
     assert saved and saved[-1][0] < STEPS
     result = train(load_run_config(config), resume=True, progress=False)
