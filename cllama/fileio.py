@@ -41,7 +41,8 @@ def check_destination(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with that id is running."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -62,7 +63,7 @@ def remove_stale(path: str | os.PathLike) -> list[Path]:
                             (f"{path.name}.old-*", ".old-")):
         for leftover in path.parent.glob(pattern):
             pid = leftover.name.split(marker, 1)[1].split("-", 1)[0].split(".", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 _remove(leftover)
                 removed.append(leftover)
     return removed

@@ -244,6 +244,13 @@ class CodeLlama(nn.Cell):
                     prim.recompute()
         return self
 
+    def at(self, path: str):
+        """The cell or primitive at a dotted path, e.g. `model.layers.3.attention.wq`."""
+        node = self
+        for part in path.split("."):
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
+        return node
+
     def shard_shapes(self, b: int, t: int) -> dict:
         """The input shapes of every sharded primitive, by its path in the model (e.g.
         `model.layers.3.attention.bmm_qk`), for a global batch of b sequences of t tokens:

@@ -43,13 +43,6 @@ from cllama.fileio import atomic_path, read_json, write_json
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "n_kv_heads", "ffn_hidden_size", "vocab_size")
 
 
-def _cell(model, path: str):
-    node = model
-    for part in path.split("."):
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
-    return node
-
-
 def add_lora(model, lora: LoraConfig, seed: int = 0, source: str = "pet_config") -> list[str]:
     """Give every linear `lora.target_modules` selects an adapter (A kaiming-uniform with a=sqrt(5),
     i.e. U(-1/sqrt(in), 1/sqrt(in)) as PEFT and MindFormers draw it, from `seed`; B zero) and freeze
@@ -58,7 +51,7 @@ def add_lora(model, lora: LoraConfig, seed: int = 0, source: str = "pet_config")
     paths = lora.targets(model.config, source)
     rng = np.random.default_rng(seed)
     for path in paths:
-        cell = _cell(model, path)
+        cell = model.at(path)
         bound = 1.0 / np.sqrt(cell.in_dim)
         cell.add_lora(path, rng.uniform(-bound, bound, (lora.rank, cell.in_dim)).astype(np.float32),
                       lora.scaling, lora.dropout)

@@ -3,19 +3,14 @@ A LoRA run itself is `cllama train --config YAML` with model.model_config.pet_co
 from __future__ import annotations
 
 from cllama.cli.common import command, device_arg, init_device, print_json
-
-
-def _refuse_existing(dst: str, overwrite: bool) -> None:
-    from cllama.fileio import check_destination
-
-    check_destination(dst, overwrite)  # written whole beside it, then renamed over it
+from cllama.fileio import check_destination
 
 
 def _merge(args) -> int:
     init_device(args)
     from cllama.checkpoint.adapter import merge_adapter
 
-    _refuse_existing(args.dst, args.overwrite)
+    check_destination(args.dst, args.overwrite)  # written whole beside it, then renamed over it
     path = merge_adapter(args.base, args.adapter, args.dst, args.format)
     print_json({"model_dir": str(path), "base": args.base, "adapter": args.adapter})
     return 0
@@ -25,7 +20,7 @@ def _export_peft(args) -> int:
     init_device(args)
     from cllama.checkpoint.adapter import export_peft
 
-    _refuse_existing(args.dst, args.overwrite)
+    check_destination(args.dst, args.overwrite)  # written whole beside it, then renamed over it
     print_json({"peft_dir": str(export_peft(args.adapter, args.dst)), "adapter": args.adapter})
     return 0
 
@@ -34,7 +29,7 @@ def _import_peft(args) -> int:
     init_device(args)
     from cllama.checkpoint.adapter import import_peft
 
-    _refuse_existing(args.dst, args.overwrite)
+    check_destination(args.dst, args.overwrite)  # written whole beside it, then renamed over it
     print_json({"adapter_dir": str(import_peft(args.src, args.base, args.dst, args.format)), "peft_dir": args.src})
     return 0
 

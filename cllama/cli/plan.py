@@ -54,6 +54,7 @@ def _plan(args) -> int:
 
 
 def _compile(args, config, settings, layouts) -> int:
+    from cllama.config import ModelConfig
     from cllama.distributed.compile_check import compile_check
     from cllama.distributed.parallel import ParallelConfig
     from cllama.runtime import init_context
@@ -65,8 +66,7 @@ def _compile(args, config, settings, layouts) -> int:
     parallel = ParallelConfig(data_parallel=dp, model_parallel=mp, pipeline_stage=pp,
                               micro_batch_num=max(args.micro_batch, pp), vocab_emb_dp=not args.split_vocab,
                               use_seq_parallel=args.seq_parallel)
-    config = config.__class__.from_dict({**config.to_dict(), "seq_length": args.seq_length,
-                                         "use_flash_attention": args.flash_attention})
+    config = ModelConfig.from_name(args.preset, seq_length=args.seq_length, use_flash_attention=args.flash_attention)
     report = compile_check(config, parallel, args.out, args.seq_length, args.batch_size, args.optimizer_parallel,
                            settings.lora)
     print_json(report)

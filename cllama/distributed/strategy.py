@@ -168,13 +168,6 @@ def param_layouts(config: ModelConfig, parallel: ParallelConfig, lora=None) -> d
     return model_layouts(sharded_model(config, parallel, lora))
 
 
-def _primitive(model, path: str):
-    node = model
-    for part in path.split("."):
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
-    return node
-
-
 def check_strategies(model, batch: int, seq_length: int) -> int:
     """Check every sharded primitive's strategy against its input shapes for a global batch of
     `batch` sequences of `seq_length` tokens (`model.shard_shapes`): as many strategy entries as
@@ -182,7 +175,7 @@ def check_strategies(model, batch: int, seq_length: int) -> int:
     Returns how many primitives were checked."""
     shapes = model.shard_shapes(batch, seq_length)
     for path, inputs in shapes.items():
-        strategy = _primitive(model, path).in_strategy
+        strategy = model.at(path).in_strategy
         if strategy is None:
             raise ValueError(f"{path}: no strategy set; CodeLlama.shard must shard it")
         for i, (shape, split) in enumerate(zip(inputs, strategy)):

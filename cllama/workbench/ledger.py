@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-from cllama.fileio import atomic_path
+from cllama.fileio import atomic_path, pid_alive
 from cllama.workbench.results import read_results
 
 LEDGER_FIELDS = ["run_id", "name", "status", "start", "duration_s", "failed_stage", "stages", "final_loss",
@@ -82,15 +82,7 @@ def _runner_gone(runner: str) -> bool:
     import socket
 
     host, _, pid = runner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
 
 def read_ledger(runs_dir: str | os.PathLike = "papermill_runs"):
