@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from cllama.fileio import read_json, write_json
+from cllama.fileio import read_json, read_yaml, write_json
 
 DTYPES = ("float32", "float16", "bfloat16")
 EXTEND_METHODS = ("None", "PI", "NTK")
@@ -115,6 +117,10 @@ class ModelConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"ModelConfig.{name}: {why} (got {getattr(self, name)!r})")
 
+        for name, kind in field_kinds().items():  # types first: the checks below compare values
+            why = kind_error(getattr(self, name), kind)
+            if why:
+                raise bad(name, why)
         for name in ("seq_length", "hidden_size", "num_layers", "num_heads", "n_kv_heads",
                      "vocab_size", "multiple_of"):
             value = getattr(self, name)
@@ -148,9 +154,15 @@ class ModelConfig:
     # ---- dict / JSON -----------------------------------------------------------------------
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> ModelConfig:
-        """Build from MindFormers keys. `type` is ignored; unknown keys are an error."""
+        """Build from MindFormers keys. `type` is ignored; unknown keys are an error, and so is a value
+        of the wrong type (`{source}: ModelConfig.num_layers: must be an integer (got 'x')`)."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: must be an object of model_config keys (got {_kind_name(values)}), "
+                             "e.g. {\"hidden_size\": 4096, \"num_layers\": 32, ...}")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs: dict[str, Any] = {}
+        if values.get("extra") is not None and not isinstance(values["extra"], dict):
+            raise ValueError(f"{source}: ModelConfig.extra: must be an object (got {_short(values['extra'])})")
         extra = dict(values.get("extra") or {})
         unknown = []
         for key, value in values.items():
@@ -191,6 +203,9 @@ class ModelConfig:
             path = path / "config.json"
         values = read_json(path, "cllama config.json (ModelConfig, MindFormers keys)",
                            "a model directory holds config.json + model.ckpt (`cllama model init` makes one)")
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: must be a JSON object of ModelConfig keys (got {_kind_name(values)}); "
+                             "`cllama model init` and `cllama convert` write one")
         if "num_hidden_layers" in values:
             raise ValueError(f"{path}: this is a Hugging Face config.json; read it with "
                              "ModelConfig.from_hf(), or convert the folder with `cllama convert hf2ms`")
@@ -201,17 +216,15 @@ class ModelConfig:
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> ModelConfig:
         """Load the `model: model_config:` block of a MindFormers run YAML (its pet_config, the LoRA
         settings, is the run's: cllama.train.runconfig reads it)."""
-        import yaml
-
-        with open(path) as f:
-            doc = yaml.safe_load(f)
+        doc = read_yaml(path, "MindFormers run YAML")
         try:
             block = doc["model"]["model_config"]
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, IndexError):
+            block = None
+        if not isinstance(block, dict):
             raise ValueError(f"{path}: no `model: model_config:` block; add one with the model "
-                             "keys (see configs/codellama/run_codellama_34b_910b.yaml)") from None
-        if isinstance(block, dict):
-            block = {k: v for k, v in block.items() if k != "pet_config"}
+                             "keys (see configs/codellama/run_codellama_34b_910b.yaml)")
+        block = {k: v for k, v in block.items() if k != "pet_config"}
         return cls.from_dict({**block, **overrides}, source=f"{path}: model.model_config")
 
     # ---- Hugging Face config.json ------------------------------------------------------------
@@ -224,12 +237,22 @@ class ModelConfig:
             path = path / "config.json" if path.is_dir() else path
             source = str(path)
             hf = read_json(path, "Hugging Face config.json")
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source}: must be a JSON object (a Hugging Face LlamaConfig; got {_kind_name(hf)})")
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                "vocab_size", "intermediate_size") if k not in hf]
         if missing:
             raise ValueError(f"{source}: missing Llama fields {missing}")
-        rope = dict(hf.get("rope_parameters") or {})
+        check_kinds(hf, HF_KINDS, source)
+        rope = hf.get("rope_parameters") or {}
         scaling = hf.get("rope_scaling") or {}
+        check_kinds(rope, ROPE_KINDS, source, "rope_parameters.")
+        check_kinds(scaling, ROPE_KINDS, source, "rope_scaling.")
+        for key in ("bos_token_id", "eos_token_id"):
+            value = hf.get(key)
+            ids = value if isinstance(value, list) else None
+            if (kind_error(value, "int?") if ids is None else any(kind_error(i, "int") for i in ids)):
+                raise ValueError(f"{source}: {key}: must be a token id, a list of them, or null (got {_short(value)})")
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
         factor = rope.get("factor", scaling.get("factor", 1.0))
@@ -253,7 +276,7 @@ class ModelConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
             theta=float(theta),
             extend_method=extend_method,
-            scaling_factor=float(factor),
+            scaling_factor=float(factor if factor is not None else 1.0),
             bos_token_id=_first_id(hf.get("bos_token_id"), 1),
             eos_token_id=_first_id(hf.get("eos_token_id"), 2),
         )
@@ -311,16 +334,69 @@ def _first_id(value: Any, default: int) -> int:
     return default if value is None else int(value)
 
 
+# Types of the Hugging Face config.json fields from_hf reads (see kind_error); absent fields take defaults.
+HF_KINDS = {"hidden_size": "int", "num_hidden_layers": "int", "num_attention_heads": "int", "vocab_size": "int",
+            "intermediate_size": "int", "num_key_value_heads": "int?", "max_position_embeddings": "int",
+            "rms_norm_eps": "float", "rope_theta": "float", "rope_scaling": "dict?", "rope_parameters": "dict?",
+            "tie_word_embeddings": "bool?"}
+ROPE_KINDS = {"rope_type": "str?", "type": "str?", "factor": "float?", "rope_theta": "float"}
+_KIND_TYPES = {"int": numbers.Integral, "float": numbers.Real, "str": str, "bool": bool, "dict": dict}
+_KIND_WORDS = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true/false",
+               "dict": "an object"}
+
+
+def _kind_name(value: Any) -> str:
+    """What a JSON value is, in words."""
+    names = {type(None): "null", bool: "true/false", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def kind_error(value: Any, kind: str) -> str | None:
+    """Why `value` is not of `kind` (int, float, str, bool or dict; a trailing `?` also allows None), or
+    None when it is. true/false is no number here, and a float must be finite."""
+    base, optional = kind.rstrip("?"), kind.endswith("?")
+    if value is None and optional:
+        return None
+    ok = isinstance(value, _KIND_TYPES[base]) and (base == "bool" or not isinstance(value, bool))
+    if ok and base == "float":
+        ok = math.isfinite(value)
+    return None if ok else f"must be {_KIND_WORDS[base]}" + (" or null" if optional else "")
+
+
+def check_kinds(values: dict, kinds: dict[str, str], source: str, prefix: str = "") -> None:
+    """ValueError `{source}: {prefix}{key}: must be an integer (got 'x')` for the first key of `values`
+    whose value is not of its kind (`kinds`: key -> kind, see kind_error); keys not in `kinds` pass."""
+    for key, kind in kinds.items():
+        why = kind_error(values[key], kind) if key in values else None
+        if why:
+            raise ValueError(f"{source}: {prefix}{key}: {why} (got {_short(values[key])})")
+
+
+@functools.cache
+def field_kinds() -> dict[str, str]:
+    """ModelConfig field -> kind, from the dataclass annotations (`Optional[int]` -> `int?`)."""
+    return {f.name: f.type[len("Optional["):-1] + "?" if f.type.startswith("Optional[") else f.type
+            for f in dataclasses.fields(ModelConfig) if f.name != "extra"}
+
+
 def _coerce(kwargs: dict) -> dict:
-    """YAML gives `1.0e-5` as float but `1e-5` as str, and `theta: 1000000` as int: normalise."""
-    floats = ("rms_norm_eps", "theta", "scaling_factor", "repetition_penalty", "top_p")
+    """YAML gives `1.0e-5` as float but `1e-5` as str, and `theta: 1000000` as int: numbers and numeric
+    text of float fields become float (anything else is left for validate to name)."""
     out = dict(kwargs)
-    for key in floats:
-        if key in out and out[key] is not None:
-            try:
-                out[key] = float(out[key])
-            except (TypeError, ValueError):
-                raise ValueError(f"ModelConfig.{key}: must be a number (got {out[key]!r})") from None
+    for key, kind in field_kinds().items():
+        value = out.get(key)
+        if kind.rstrip("?") != "float" or value is None or isinstance(value, bool):
+            continue
+        try:
+            out[key] = float(value) if isinstance(value, (int, float, str)) else value
+        except ValueError:
+            pass
     if out.get("extend_method") is None and "extend_method" in out:
         out["extend_method"] = "None"
     return out

@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +69,37 @@ def remove_stale(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+def publishing(path: str | os.PathLike, done: bool = False) -> None:
+    """Mark (then, with done=True, unmark) the renames that publish a group of files that cannot
+    appear in one rename (a dataset's shards, indexes, held-out set and stats): the marker
+    `<name>.publishing-<pid>` beside `path` lets a later writer tell a group cut short (`interrupted`)."""
+    marker = Path(path).with_name(f"{Path(path).name}.publishing-{os.getpid()}")
+    if done:
+        marker.unlink(missing_ok=True)
     else:
-        path.unlink(missing_ok=True)
+        marker.touch()
+
+
+def interrupted(path: str | os.PathLike) -> bool:
+    """Whether a writer that is gone (or this process, after an error) was cut short publishing the
+    group of `path` (see `publishing`); its markers are removed, the caller removes the group."""
+    path = Path(path)
+    found = False
+    for marker in path.parent.glob(f"{path.name}.publishing-*") if path.parent.is_dir() else ():
+        pid = marker.name.rsplit("-", 1)[1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
+            marker.unlink(missing_ok=True)
+            found = True
+    return found
+
+
+def _remove(path: Path) -> None:
+    """Best effort: what cannot be removed (or named) stays; the write that follows reports it."""
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -84,13 +110,67 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
     tmp = temp_path(path)
-    _remove(tmp)
-    try:
-        yield tmp
-    except BaseException:
+    with final_names({tmp: path}, writing=path):
         _remove(tmp)
-        raise
-    install(tmp, path)
+        try:
+            yield tmp
+        except BaseException:
+            _remove(tmp)
+            raise
+        install(tmp, path)
+
+
+def _forms(path: Path) -> list[str]:
+    """The ways a message may spell a path: as given, absolute, resolved."""
+    return [str(path), os.path.abspath(path), str(path.resolve())]
+
+
+def with_final_names(err: BaseException, names: Mapping[str | os.PathLike, str | os.PathLike],
+                     writing: str | os.PathLike | None = None) -> BaseException | None:
+    """`err` rebuilt (same type) with each temporary path of `names` ({temporary: final}) in its message
+    replaced by the final one, and an OSError naming no file (a full disk: "[Errno 28] No space left on
+    device") told what was being written (`writing`); None when there is nothing to change or the type
+    cannot be rebuilt."""
+    pairs = sorted({(a, b) for tmp, final in names.items() for a, b in zip(_forms(Path(tmp)), _forms(Path(final)))},
+                   key=lambda pair: -len(pair[0]))
+
+    def sub(value):
+        if not isinstance(value, (str, os.PathLike)):
+            return value
+        text = os.fspath(value)
+        for a, b in pairs:
+            text = text.replace(a, b)
+        return text
+
+    is_os = isinstance(err, OSError) and err.errno is not None and err.strerror is not None
+    unnamed = is_os and err.filename is None and writing is not None and "(while writing " not in err.strerror
+    if not unnamed and not any(a in str(err) for a, _ in pairs):
+        return None
+    try:
+        if is_os:
+            strerror = sub(err.strerror) + (f" (while writing {writing})" if unnamed else "")
+            new = type(err)(err.errno, strerror, *([sub(err.filename)] if err.filename is not None else []),
+                            *([None, sub(err.filename2)] if err.filename2 is not None else []))
+        else:
+            new = type(err)(*(sub(a) for a in err.args))
+    except Exception:
+        return None
+    return new if not any(a in str(new) for a, _ in pairs) else None
+
+
+@contextlib.contextmanager
+def final_names(names: Mapping[str | os.PathLike, str | os.PathLike],
+                writing: str | os.PathLike | None = None) -> Iterator[None]:
+    """`with final_names({tmp: final}, writing=final):` an exception whose message names a temporary
+    path is raised again (same type, same traceback) naming the final path instead, and an OSError that
+    names no file says it happened while writing `writing`: errors name the user's paths."""
+    try:
+        yield
+    except Exception as err:
+        new = with_final_names(err, names, writing)
+        if new is None:
+            raise
+        raise new.with_traceback(err.__traceback__) from None
 
 
 def install(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
@@ -145,17 +225,70 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return Path(dst)
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file", fix: str = "") -> Any:
-    """A JSON document; a missing or invalid file is one error naming the path, what it should be and
-    (when given) the fix."""
+def read_text(path: str | os.PathLike, what: str = "UTF-8 text file", fix: str = "") -> str:
+    """A UTF-8 text file; a missing file, a folder or undecodable bytes are one error naming the path,
+    what it should be, where the bad byte is and (when given) the fix."""
     path = Path(path)
     hint = f"; {fix}" if fix else ""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing; expected a {what}{hint}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a valid {what} ({err}){hint}") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{path}: is a folder; expected a {what}{hint}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}: not a {what}: byte {err.start} (line {line}) is not UTF-8 "
+                         f"({data[err.start:err.start + 1]!r}); save it as UTF-8{hint}") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file", fix: str = "") -> Any:
+    """A JSON document; a missing or invalid file is one error naming the path, what it should be and
+    (when given) the fix."""
+    text = read_text(path, what, fix)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a valid {what} ({err}){'; ' + fix if fix else ''}") from None
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "JSON-lines file", fix: str = "") -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSON-lines file, streamed; a missing file, a
+    line that is not UTF-8 or not JSON is one error naming the path and line."""
+    path = Path(path)
+    hint = f"; {fix}" if fix else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {'is a folder' if path.is_dir() else 'missing'}; expected a {what}{hint}")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{number}: not UTF-8 (byte {err.start} of the line, "
+                                 f"{raw[err.start:err.start + 1]!r}); save the {what} as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err.msg}); expected a {what}{hint}") from None
+            yield number, value
+
+
+def read_yaml(path: str | os.PathLike, what: str = "YAML file", fix: str = "") -> Any:
+    """A YAML document (safe_load), with the same one-line errors as read_json."""
+    import yaml
+
+    text = read_text(path, what, fix)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f"line {where.line + 1}, column {where.column + 1}: " if where else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path}: not a valid {what} ({at}{problem}){'; ' + fix if fix else ''}") from None
 
 
 class AtomicWriter:
@@ -167,7 +300,8 @@ class AtomicWriter:
         self.path = Path(path)
         remove_stale(self.path)
         self.tmp = temp_path(self.path)
-        self.file = open(self.tmp, "wb")
+        with final_names({self.tmp: self.path}):
+            self.file = open(self.tmp, "wb")
 
     def _check_complete(self) -> None:
         """Raise ValueError when the content is incomplete."""
@@ -176,10 +310,11 @@ class AtomicWriter:
         """Finish the file and rename it into place; with rename=False the caller renames
         `self.tmp` (e.g. after every shard of a sharded checkpoint is complete) and gets it back."""
         self._check_complete()
-        self.file.close()
-        if not rename:
-            return self.tmp
-        os.replace(self.tmp, self.path)
+        with final_names({self.tmp: self.path}):
+            self.file.close()
+            if not rename:
+                return self.tmp
+            os.replace(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:

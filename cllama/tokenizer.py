@@ -9,7 +9,7 @@ from typing import Optional
 
 import sentencepiece as spm
 
-from cllama.fileio import atomic_write
+from cllama.fileio import atomic_write, check_destination
 
 PREFIX, SUFFIX, MIDDLE, EOT = "▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"
 SENTINEL = "☺"  # prepended to the suffix and dropped, so the suffix gets no dummy leading space
@@ -23,15 +23,39 @@ def bundled_tokenizer_path() -> Path:
     return Path(str(resources.files("cllama") / "assets" / "llama2_tokenizer.model"))
 
 
+def load_sentencepiece(path: str | os.PathLike) -> spm.SentencePieceProcessor:
+    """A SentencePiece model file, loaded; a file that is not one (random bytes, a Hugging Face
+    tokenizer.json, an empty file) is a ValueError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; pass its tokenizer.model (a SentencePiece model file)")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a SentencePiece model ({reason[:120]}); pass a tokenizer.model "
+                         "(Llama 2 / Code Llama's, or `cllama tokenizer extend --dst tokenizer.model`)") from None
+    if sp.vocab_size() <= 0:
+        raise ValueError(f"{path}: not a usable SentencePiece model (no pieces); pass a Llama tokenizer.model")
+    return sp
+
+
+def check_tokenizer(path: str | os.PathLike) -> Path:
+    """`path` when it is a loadable SentencePiece model file (FileNotFoundError / ValueError naming it
+    otherwise): check a tokenizer before copying it anywhere or starting work with it."""
+    Tokenizer(path)
+    return Path(path)
+
+
 class Tokenizer:
     """Wraps a SentencePiece model. Infill ids are looked up by piece; absent pieces give None."""
 
     def __init__(self, model_path: str | os.PathLike) -> None:
         self.path = Path(model_path)
-        if not self.path.is_file():
+        if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: tokenizer model not found; pass a SentencePiece "
                                     "tokenizer.model (cllama ships one: `cllama tokenizer extend`)")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.sp = load_sentencepiece(self.path)
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0  # MindFormers uses <unk>=0
@@ -126,17 +150,17 @@ class Tokenizer:
         return ids
 
 
-def extend_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Append Code Llama's 16 pieces to a 32000-piece Llama 2 model: infilling pieces at
-    32007..32010 (`▁<PRE>`, `▁<SUF>`, `▁<MID>`, `▁<EOT>`), reserved placeholders elsewhere."""
+def extended_model(src: str | os.PathLike) -> bytes:
+    """The bytes of `src` (a 32000-piece Llama 2 SentencePiece model) with Code Llama's 16 pieces
+    appended: infilling pieces at 32007..32010 (`▁<PRE>`, `▁<SUF>`, `▁<MID>`, `▁<EOT>`), reserved
+    placeholders elsewhere."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    src, dst = Path(src), Path(dst)
+    src = Path(src)
+    check_tokenizer(src)  # the same one-line errors as every tokenizer load
     proto = pb.ModelProto()
     try:
         proto.ParseFromString(src.read_bytes())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{src}: tokenizer model not found") from None
     except Exception as err:  # protobuf DecodeError
         raise ValueError(f"{src}: not a SentencePiece model ({err})") from None
     if len(proto.pieces) != 32000:
@@ -151,4 +175,14 @@ def extend_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     for piece in added:
         new = proto.pieces.add()
         new.piece, new.score, new.type = piece, 0.0, pb.ModelProto.SentencePiece.USER_DEFINED
-    return atomic_write(dst, proto.SerializeToString())
+    return proto.SerializeToString()
+
+
+def extend_tokenizer(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `extended_model(src)` to `dst` (atomically): Code Llama's 32016-piece tokenizer from Llama 2's.
+    An existing `dst` is refused unless `overwrite` or it already holds exactly these bytes."""
+    data = extended_model(src)
+    dst = Path(dst)
+    if not (dst.is_file() and dst.read_bytes() == data):
+        check_destination(dst, overwrite)
+    return atomic_write(dst, data)

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,62 @@ def test_yaml_without_model_block(tmp_path):
     p.write_text("runner_config:\n  epochs: 1\n")
     with pytest.raises(ValueError, match="bad.yaml: no `model: model_config:` block"):
         ModelConfig.from_yaml(p)
+
+
+@pytest.mark.parametrize("text", ["model:\n  model_config:\n", "model: [1, 2]\n", "model:\n  model_config: [1]\n"])
+def test_yaml_model_block_that_is_not_a_mapping(tmp_path, text):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ValueError, match="bad.yaml: no `model: model_config:` block"):
+        ModelConfig.from_yaml(p)
+
+
+def test_yaml_that_does_not_parse_names_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  model_config: {hidden_size: 64\n")
+    with pytest.raises(ValueError, match="bad.yaml: not a valid MindFormers run YAML"):
+        ModelConfig.from_yaml(p)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_layers="2"), "num_layers: must be an integer (got '2')"),
+    (dict(num_layers=True), "num_layers: must be an integer (got True)"),
+    (dict(seq_length=None), "seq_length: must be an integer (got None)"),
+    (dict(theta=[1]), "theta: must be a finite number (got [1])"),
+    (dict(theta=float("inf")), "theta: must be a finite number (got inf)"),
+    (dict(top_p=False), "top_p: must be a finite number (got False)"),
+    (dict(do_sample=1), "do_sample: must be true/false (got 1)"),
+    (dict(extend_method=3), "extend_method: must be a string (got 3)"),
+    (dict(n_kv_heads="2"), "n_kv_heads: must be an integer or null (got '2')"),
+    (dict(ffn_dim_multiplier={}), "ffn_dim_multiplier: must be a finite number or null (got {})"),
+])
+def test_every_field_is_type_checked(overrides, message):
+    with pytest.raises(ValueError, match=f"^preset 'tiny': ModelConfig.{re.escape(message)}$"):
+        ModelConfig.from_name("tiny", **overrides)
+    with pytest.raises(ValueError, match=f"^ModelConfig.{re.escape(message)}$"):
+        ModelConfig(**overrides)
+
+
+def test_numbers_as_text_still_read_as_floats():
+    c = ModelConfig.from_name("tiny", rms_norm_eps="1e-6", theta=10000, ffn_dim_multiplier="1.3")
+    assert (c.rms_norm_eps, c.theta, c.ffn_dim_multiplier) == (1e-6, 10000.0, 1.3)
+    assert isinstance(c.theta, float)
+
+
+@pytest.mark.parametrize("content, message", [
+    ([], "must be a JSON object (a Hugging Face LlamaConfig; got a list)"),
+    ({"rope_scaling": "x"}, "rope_scaling: must be an object or null (got 'x')"),
+    ({"rope_scaling": {"type": "linear", "factor": None}}, None),
+    ({"bos_token_id": [1, None]}, "bos_token_id: must be a token id, a list of them, or null (got [1, None])"),
+])
+def test_hf_config_types_name_the_file_and_field(tmp_path, content, message):
+    base = ModelConfig.from_name("tiny").to_hf()
+    (tmp_path / "config.json").write_text(json.dumps(content if isinstance(content, list) else {**base, **content}))
+    if message is None:  # a null factor is no scaling factor: 1.0
+        assert ModelConfig.from_hf(tmp_path).scaling_factor == 1.0
+        return
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'config.json'))}: {re.escape(message)}$"):
+        ModelConfig.from_hf(tmp_path)
 
 
 def test_json_round_trip(tmp_path):

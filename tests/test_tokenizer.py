@@ -1,6 +1,8 @@
+import re
+
 import pytest
 
-from cllama.tokenizer import Tokenizer, extend_tokenizer
+from cllama.tokenizer import Tokenizer, check_tokenizer, extend_tokenizer
 
 PREFIX = "def add(a, b):\n    "
 SUFFIX = "\n    return c\n"
@@ -94,6 +96,29 @@ def test_extend_refuses_wrong_input(tmp_path, codellama_tokenizer_path):
     with pytest.raises(ValueError, match="bad.model"):
         extend_tokenizer(bad, tmp_path / "y.model")
     assert not (tmp_path / "y.model").exists()
+
+
+@pytest.mark.parametrize("content", [b"\x00\xff" * 500, b"", b"<unk>\t0\n<s>\t0\n"])
+def test_a_file_that_is_not_a_sentencepiece_model_is_a_value_error(tmp_path, content):
+    bad = tmp_path / "tok.model"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(bad))}: not a SentencePiece model"):
+        Tokenizer(bad)
+    with pytest.raises(ValueError, match="tok.model: not a SentencePiece model"):
+        check_tokenizer(bad)
+    with pytest.raises(IsADirectoryError, match="is a folder; pass its tokenizer.model"):
+        Tokenizer(tmp_path)
+
+
+def test_extend_refuses_an_existing_destination_unless_overwrite(tmp_path, llama2_tokenizer_path):
+    dst = tmp_path / "tokenizer.model"
+    dst.write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError, match="tokenizer.model: exists"):
+        extend_tokenizer(llama2_tokenizer_path, dst)
+    assert dst.read_bytes() == b"someone else's"
+    extend_tokenizer(llama2_tokenizer_path, dst, overwrite=True)
+    assert Tokenizer(dst).vocab_size == 32016
+    extend_tokenizer(llama2_tokenizer_path, dst)  # already these bytes: nothing is lost, so no refusal
 
 
 def test_missing_tokenizer_file(tmp_path):

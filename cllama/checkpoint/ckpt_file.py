@@ -25,6 +25,7 @@ MS_TYPES = {"float32": "Float32", "float16": "Float16", "bfloat16": "BFloat16"}
 _FROM_MS = {v: k for k, v in MS_TYPES.items()}
 _MS_ITEMSIZE = {"Float32": 4, "Float16": 2, "BFloat16": 2, "Float64": 8, "Int8": 1, "UInt8": 1,
                 "Int16": 2, "UInt16": 2, "Int32": 4, "UInt32": 4, "Int64": 8, "UInt64": 8, "Bool": 1}
+_MS_UNSIZED = ("str", "Int4")  # the other types MindSpore's loader knows (a string; packed 4-bit)
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 as bits
 
@@ -71,12 +72,12 @@ class CkptWriter(AtomicWriter):
 
     def _check_complete(self) -> None:
         if self._left:
-            raise ValueError(f"{self.tmp}: tensor {self._current[0]!r} is missing {self._left} bytes")
+            raise ValueError(f"{self.path}: tensor {self._current[0]!r} is missing {self._left} bytes")
 
     def begin(self, name: str, shape: tuple[int, ...], dtype: str) -> None:
         self._check_complete()
         if name in self.names:
-            raise ValueError(f"{self.tmp}: tensor {name!r} written twice")
+            raise ValueError(f"{self.path}: tensor {name!r} written twice")
         self.names.append(name)
         self._current = (name, tuple(int(d) for d in shape), dtype)
         self._left = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
@@ -87,7 +88,7 @@ class CkptWriter(AtomicWriter):
     def write(self, data: np.ndarray) -> None:
         view = memoryview(np.ascontiguousarray(data)).cast("B")
         if len(view) > self._left:
-            raise ValueError(f"{self.tmp}: tensor {self._current[0]!r} got {len(view) - self._left} "
+            raise ValueError(f"{self.path}: tensor {self._current[0]!r} got {len(view) - self._left} "
                              "bytes too many")
         while len(view):
             if self._slice_left == 0:
@@ -117,8 +118,15 @@ class CkptFile:
             self._scan(f)
 
     def _bad(self, why: str) -> ValueError:
-        return ValueError(f"{self.path}: {why}; not a complete unencrypted MindSpore checkpoint "
-                          "(convert or save it again)")
+        return ValueError(f"{self.path}: {why}; not a complete unencrypted MindSpore checkpoint (damaged, truncated "
+                          "or another kind of file); convert or save it again")
+
+    def _span(self, i: int, n: int, end: int, what: str) -> int:
+        """The end of a field of `n` bytes at `i` that must lie within its record ending at `end`."""
+        if i + n > end:
+            raise self._bad(f"{what} at offset {i} declares {n} bytes but its record ends at offset {end}"
+                            + (f" (the file has {self.size} bytes: truncated?)" if i + n > self.size else ""))
+        return i + n
 
     def _scan(self, f) -> None:
         w = _Window(f, self.size, self._bad)
@@ -154,10 +162,11 @@ class CkptFile:
         while i < end:
             key, i = w.varint(i)
             n, i = w.varint(i) if key & 7 == 2 else (0, i)
+            self._span(i, n, end, f"field {key:#x}")
             if key == 0x0A:  # tag
-                name = w.read(i, n).decode()
+                name = self._text(w.read(i, n), i, "tensor name")
             elif key == 0x12:  # tensor
-                tensor = self._parse_tensor(w, i, i + n)
+                tensor = self._parse_tensor(w, i, i + n, name)
             elif key == 0x1A:
                 raise self._bad(f"map tensor {name!r} (a MapParameter) is not a model weight")
             else:
@@ -166,9 +175,19 @@ class CkptFile:
         if i != end or name is None or tensor is None or tensor[1] is None or tensor[2] is None:
             raise self._bad(f"incomplete entry at offset {start}")
         shape, ms_type, content = tensor
+        if any(d >= 1 << 63 for d in shape):
+            raise self._bad(f"tensor {name!r}: shape {shape} has a negative dimension")
+        if ms_type not in _MS_ITEMSIZE and ms_type not in _MS_UNSIZED:
+            raise self._bad(f"tensor {name!r}: unknown tensor type {ms_type!r}")
         return name, tuple(shape) if shape != [0] else (), ms_type, content  # [0]: a scalar
 
-    def _parse_tensor(self, w: _Window, i: int, end: int):
+    def _text(self, raw: bytes, i: int, what: str) -> str:
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise self._bad(f"the {what} at offset {i} is not text") from None
+
+    def _parse_tensor(self, w: _Window, i: int, end: int, name: str | None):
         shape, ms_type, content = [], None, None
         while i < end:
             key, i = w.varint(i)
@@ -177,19 +196,21 @@ class CkptFile:
                 shape.append(d)
                 continue
             n, i = w.varint(i)
+            stop = self._span(i, n, end, f"tensor {name!r}: field {key:#x}")
             if key == 0x0A:  # packed dims
-                stop = i + n
                 while i < stop:
                     d, i = w.varint(i)
                     shape.append(d)
                 continue
             if key == 0x12:
-                ms_type = w.read(i, n).decode()
+                ms_type = self._text(w.read(i, n), i, f"tensor {name!r}'s type")
             elif key == 0x1A:
                 content = (i, n)
             else:
                 raise self._bad(f"unexpected tensor field {key:#x} at offset {i}")
-            i += n
+            i = stop
+        if i != end:
+            raise self._bad(f"tensor {name!r}: its fields overrun their record (offset {i}, record end {end})")
         return shape, ms_type, content
 
     def keys(self) -> list[str]:

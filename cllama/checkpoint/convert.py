@@ -24,6 +24,7 @@ from cllama.checkpoint.safetensors_file import SafetensorsWriter, bf16_bits_to_f
 from cllama.checkpoint.sources import TensorSource, hf_sources, hf_weight_files, meta_sources, ms_sources
 from cllama.config import DTYPES, ModelConfig
 from cllama.fileio import atomic_path, check_destination, copy_file, read_json, write_json
+from cllama.tokenizer import load_sentencepiece
 
 CHUNK_BYTES = 32 << 20
 DEFAULT_SHARD_SIZE = "5GB"
@@ -86,9 +87,7 @@ def tokenizer_size(folder: str | os.PathLike) -> tuple[int, str] | None:
     folder = Path(folder)
     base, what, added = 0, "", {}
     if (folder / "tokenizer.model").exists():
-        import sentencepiece as spm
-
-        base = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).get_piece_size()
+        base = load_sentencepiece(folder / "tokenizer.model").get_piece_size()
         what = f"tokenizer.model: {base} pieces"
     if (folder / "tokenizer.json").exists():
         doc = read_json(folder / "tokenizer.json", "tokenizer.json")
@@ -262,7 +261,7 @@ def hf_to_ms(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None =
     _distinct(src, dst)
     hf_config = read_json(src / "config.json", "Hugging Face config.json",
                           "a Hugging Face checkpoint folder ships its config.json next to the weights")
-    if "num_hidden_layers" not in hf_config:
+    if not isinstance(hf_config, dict) or "num_hidden_layers" not in hf_config:
         raise ValueError(f"{src / 'config.json'}: not a Hugging Face Llama config (no num_hidden_layers)")
     sources = hf_sources(src)
     config = ModelConfig.from_hf(src / "config.json", param_init_type=_uniform_dtype(sources, dtype))

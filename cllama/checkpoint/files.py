@@ -54,3 +54,19 @@ def shard_file(rank_dir: str | os.PathLike) -> Path | None:
     when there are several; None when it holds none."""
     files = sorted(p for p in Path(rank_dir).iterdir() if p.suffix in SUFFIXES and p.name not in STATE_FILES)
     return files[-1] if files else None
+
+
+def check_weights(path: str | os.PathLike) -> Path:
+    """`path` after its headers were checked against the file by cllama's own readers (ckpt_file,
+    safetensors_file: lengths and offsets inside the file, known dtypes, sizes matching shapes): a
+    damaged or truncated file is one ValueError naming it, before MindSpore reads it."""
+    path = Path(path)
+    if file_format(path) == "ckpt":
+        from cllama.checkpoint.ckpt_file import CkptFile
+
+        CkptFile(path)
+    else:
+        from cllama.checkpoint.safetensors_file import SafetensorsFile
+
+        SafetensorsFile(path)
+    return path

@@ -6,8 +6,9 @@ parameters only (cllama.checkpoint.files), and optionally `tokenizer.model`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,7 +16,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from cllama.checkpoint.files import FORMATS, check_format, file_format, is_model_dir, weights_file
+from cllama.checkpoint.files import FORMATS, check_format, check_weights, file_format, is_model_dir, weights_file
 from cllama.checkpoint.names import HF_IGNORED, check_names, hf_to_ms_name, is_training_state, param_shapes
 from cllama.config import ModelConfig
 from cllama.fileio import atomic_path, copy_file
@@ -82,12 +83,29 @@ def state_dict(model: CodeLlama) -> dict[str, ms.Parameter]:
     return {name: p for name, p in model.parameters_and_names() if name in names}
 
 
+@contextlib.contextmanager
+def mindspore_logs_off() -> Iterator[None]:
+    """MindSpore's Python log lines off for a call whose failure cllama reports itself: its CRITICAL
+    "Failed to save the checkpoint file <temporary name>" would name a file the user never sees."""
+    from mindspore import log
+
+    logger = log._get_logger() if hasattr(log, "_get_logger") else None
+    was = logger.disabled if logger is not None else False
+    if logger is not None:
+        logger.disabled = True
+    try:
+        yield
+    finally:
+        if logger is not None:
+            logger.disabled = was
+
+
 def save_weights(params, path: str | os.PathLike, integrated_save: bool = True) -> Path:
     """Write parameters ({name: Parameter} or a list of them) as a .ckpt or .safetensors file (the
     suffix says which), atomically. integrated_save=False keeps each rank's own slices (sharded runs)."""
     path = Path(path)
     items = params.items() if isinstance(params, dict) else ((p.name, p) for p in params)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, mindspore_logs_off():
         ms.save_checkpoint([{"name": n, "data": p} for n, p in items], str(tmp), integrated_save=integrated_save,
                            format=file_format(path))
     return path
@@ -113,10 +131,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, ms.Parameter]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    check_weights(path)
     try:
         loaded = ms.load_checkpoint(str(path), format=file_format(path))
     except (ValueError, RuntimeError) as err:
-        raise ValueError(f"{path}: not a readable MindSpore checkpoint ({err})") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable MindSpore checkpoint ({reason})") from None
     return {n: p for n, p in loaded.items() if not is_training_state(n)}
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator, Sequence
@@ -18,8 +19,16 @@ NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np
              "BOOL": np.bool_}
 
 
+# bytes per element of every safetensors dtype (what a header may name)
+ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+             "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+DAMAGED = "the file is damaged or not a safetensors file; download it again or convert it again"
+
+
 class SafetensorsFile:
-    """Read tensors lazily from one .safetensors file; errors name the file."""
+    """Read tensors lazily from one .safetensors file; errors name the file. The header is checked
+    against the file when opening: one JSON object, known dtypes, non-negative shapes, every tensor's
+    data_offsets inside the file, of its shape's size, no two overlapping."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -27,25 +36,63 @@ class SafetensorsFile:
             size = self.path.stat().st_size
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.path}: safetensors file not found") from None
+        if self.path.is_dir():
+            raise IsADirectoryError(f"{self.path}: a folder, not a safetensors file")
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise ValueError(f"{self.path}: truncated safetensors file (no header)")
+                raise self._bad(f"{size} bytes, shorter than the 8-byte header length")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
-                raise ValueError(f"{self.path}: truncated or not a safetensors file "
-                                 f"(header of {n} bytes in a {size}-byte file)")
+                raise self._bad(f"truncated safetensors file: the header length says {n} bytes but only "
+                                f"{size - 8} follow it")
             try:
                 header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise ValueError(f"{self.path}: corrupt safetensors header") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise self._bad(f"the {n}-byte header is not JSON ({err})") from None
+        if not isinstance(header, dict):
+            raise self._bad(f"the header is not a JSON object (a {type(header).__name__})")
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not isinstance(metadata, dict):
+            raise self._bad("__metadata__ is not a JSON object")
+        self.metadata = metadata or {}
         self.entries = header
         self.data_start = 8 + n
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self.data_start + end > size:
-            raise ValueError(f"{self.path}: truncated safetensors file: tensors need "
-                             f"{self.data_start + end} bytes, the file has {size}; download it again")
+        self._check_entries(size - self.data_start)
+
+    def _bad(self, why: str) -> ValueError:
+        return ValueError(f"{self.path}: {why}; {DAMAGED}")
+
+    def _check_entries(self, data_bytes: int) -> None:
+        """Every entry against the `data_bytes` after the header."""
+        spans = []
+        for name, entry in self.entries.items():
+            if not isinstance(entry, dict):
+                raise self._bad(f"tensor {name!r}: its header entry is not a JSON object")
+            dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+            if dtype not in ITEMSIZES:
+                raise self._bad(f"tensor {name!r}: unknown dtype {dtype!r} (known: {', '.join(ITEMSIZES)})")
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise self._bad(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+            if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                    or not 0 <= offsets[0] <= offsets[1]):
+                raise self._bad(f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end] with "
+                                "0 <= begin <= end")
+            begin, end = offsets
+            if end > data_bytes:
+                raise self._bad(f"truncated safetensors file: tensor {name!r}: data_offsets [{begin}, {end}] reach "
+                                f"outside the file ({self.data_start + data_bytes} bytes, {data_bytes} after the "
+                                "header)")
+            need = math.prod(shape) * ITEMSIZES[dtype]
+            if end - begin != need:
+                raise self._bad(f"tensor {name!r}: data_offsets [{begin}, {end}] hold {end - begin} bytes but "
+                                f"{dtype} of shape {shape} needs {need}")
+            spans.append((begin, end, name))
+        spans = sorted(s for s in spans if s[0] < s[1])  # empty tensors occupy no bytes
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise self._bad(f"tensor {n1!r}: data_offsets [{b1}, {e1}] overlap those of tensor {n0!r} "
+                                f"[{b0}, {e0}]")
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -140,21 +187,21 @@ class SafetensorsWriter(AtomicWriter):
 
     def _check_complete(self) -> None:
         if self._left or self._next != len(self.order):
-            raise ValueError(f"{self.tmp}: closed before every tensor was written")
+            raise ValueError(f"{self.path}: closed before every tensor was written")
 
     def begin(self, name: str) -> None:
         """Start the next tensor; names must come in the order given to the constructor."""
         if self._left:
-            raise ValueError(f"{self.tmp}: tensor {self.order[self._next - 1]!r} is missing {self._left} bytes")
+            raise ValueError(f"{self.path}: tensor {self.order[self._next - 1]!r} is missing {self._left} bytes")
         if self._next >= len(self.order) or self.order[self._next] != name:
-            raise ValueError(f"{self.tmp}: expected tensor {self.order[self._next:self._next + 1]}, got {name!r}")
+            raise ValueError(f"{self.path}: expected tensor {self.order[self._next:self._next + 1]}, got {name!r}")
         self._next += 1
         self._left = self.sizes[name]
 
     def write(self, data: np.ndarray) -> None:
         view = memoryview(np.ascontiguousarray(data)).cast("B")
         if len(view) > self._left:
-            raise ValueError(f"{self.tmp}: tensor {self.order[self._next - 1]!r} got too many bytes")
+            raise ValueError(f"{self.path}: tensor {self.order[self._next - 1]!r} got too many bytes")
         self.file.write(view)
         self._left -= len(view)
 

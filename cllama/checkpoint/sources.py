@@ -21,7 +21,7 @@ from cllama.checkpoint.ckpt_file import ITEMSIZE, CkptFile
 from cllama.checkpoint.files import file_format, is_model_dir, weights_file
 from cllama.checkpoint.names import HF_IGNORED, META_IGNORED, hf_to_ms_name, is_training_state, meta_to_ms_name
 from cllama.checkpoint.safetensors_file import SafetensorsFile
-from cllama.config import ModelConfig
+from cllama.config import ModelConfig, check_kinds
 from cllama.fileio import read_json
 
 ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -201,13 +201,22 @@ def meta_shard_files(src: Path) -> list[Path]:
     return [src / f"consolidated.{i:02d}.pth" for i in numbers]
 
 
+# Types of the params.json fields meta_config reads (cllama.config.kind_error); absent ones take defaults.
+META_KINDS = {"dim": "int", "n_layers": "int", "n_heads": "int", "n_kv_heads": "int?", "vocab_size": "int?",
+              "multiple_of": "int", "ffn_dim_multiplier": "float?", "norm_eps": "float", "rope_theta": "float"}
+
+
 def read_params(src: Path) -> dict:
     """Meta's params.json, checked for the fields a ModelConfig needs."""
     path = src / "params.json"
     params = read_json(path, "Meta params.json", "a Meta checkpoint folder holds consolidated.NN.pth + params.json")
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: must be a JSON object (Meta's params: dim, n_layers, n_heads, ...; "
+                         f"got {type(params).__name__})")
     missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
     if missing:
         raise ValueError(f"{path}: missing fields {missing}")
+    check_kinds(params, META_KINDS, str(path))
     return params
 
 

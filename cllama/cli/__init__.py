@@ -4,13 +4,17 @@ Stages 00-05 (weights, data, training, checkpoints) are in `training`, LoRA adap
 memory planner in `plan`, 06-08 (evaluation, generation, export) in `inference`.
 
 Exit codes: 0 done; 2 bad input (one line naming the file, field and fix, no traceback); 1 a failure
-while running (one line); 130 interrupted.
+while running (one line); 130 interrupted. An unexpected exception (a bug in cllama) is one line too,
+exit 1, saying so; `CLLAMA_TRACEBACK=1` prints its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import traceback
+from pathlib import Path
 
 from cllama import __version__
 from cllama.cli.common import command, print_json
@@ -96,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late interrupt (e.g. a kernel's) must not end us with -2
         print(f"cllama {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug, not the user's input: one line unless asked for the traceback
+        if os.environ.get("CLLAMA_TRACEBACK"):
+            traceback.print_exc()
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        print(f"cllama {args.command}: internal error: {type(err).__name__}: {err} (at {Path(where.filename).name}:"
+              f"{where.lineno}; a bug in cllama: rerun with CLLAMA_TRACEBACK=1 and report the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

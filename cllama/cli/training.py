@@ -15,7 +15,7 @@ LAYOUT_BOUNDS = (("--dp", 1, None), ("--mp", 1, None), ("--pp", 1, None))
 def _tokenizer_extend(args) -> int:
     from cllama.tokenizer import Tokenizer, bundled_tokenizer_path, extend_tokenizer
 
-    tok = Tokenizer(extend_tokenizer(args.src or bundled_tokenizer_path(), args.dst))
+    tok = Tokenizer(extend_tokenizer(args.src or bundled_tokenizer_path(), args.dst, args.overwrite))
     print_json({"tokenizer": str(tok.path), "vocab_size": tok.vocab_size, "prefix_id": tok.prefix_id,
                  "suffix_id": tok.suffix_id, "middle_id": tok.middle_id, "eot_id": tok.eot_id})
     return 0
@@ -26,6 +26,10 @@ def _model_init(args) -> int:
 
     check_ranges(args, ("--seed", 0, None))
     config = ModelConfig.from_name(args.preset, **parse_set(args.set))
+    if args.tokenizer:
+        from cllama.tokenizer import check_tokenizer
+
+        check_tokenizer(args.tokenizer)  # before anything is written: a copied bad file would fail only later
     init_device(args)
     from cllama.checkpoint.model_dir import save_random_model
 
@@ -35,10 +39,29 @@ def _model_init(args) -> int:
     return 0
 
 
+def model_dir_config(path: str | Path):
+    """The ModelConfig of model directory `path`, checked whole first (config.json, the weights' headers,
+    tokenizer.model when present; no MindSpore): describing or planning a broken model is refused."""
+    from cllama.checkpoint.files import check_weights, weights_file
+    from cllama.config import ModelConfig
+    from cllama.tokenizer import check_tokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise (NotADirectoryError if path.exists() else FileNotFoundError)(
+            f"{path}: not a model directory (config.json + model.ckpt or model.safetensors); make one with "
+            "`cllama model init` or `cllama convert hf2ms`")
+    config = ModelConfig.load(path)
+    check_weights(weights_file(path))
+    if (path / "tokenizer.model").exists():
+        check_tokenizer(path / "tokenizer.model")
+    return config
+
+
 def _model_info(args) -> int:
     from cllama.config import PRESETS, ModelConfig
 
-    config = ModelConfig.from_name(args.source) if args.source in PRESETS else ModelConfig.load(args.source)
+    config = ModelConfig.from_name(args.source) if args.source in PRESETS else model_dir_config(args.source)
     print_json({"params": config.num_params(), "head_dim": config.head_dim,
                  "ffn_hidden_size": config.ffn_hidden_size, "config": config.to_dict()})
     return 0
@@ -52,6 +75,7 @@ def add_model(sub) -> None:
                   "Llama 2 tokenizer (32000) -> Code Llama-style (32016, infill pieces)")
     ext.add_argument("--src", help="32000-piece SentencePiece model (default: the bundled Llama 2 one)")
     ext.add_argument("--dst", required=True, help="where to write the 32016-piece model")
+    ext.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     cmds = sub.add_parser("model", help="model presets and model directories") \
         .add_subparsers(dest="action", required=True)
     init = command(cmds, "init", _model_init, "write a model directory with random weights")
@@ -111,7 +135,7 @@ def _ckpt_strategy(args) -> int:
     check_ranges(args, *LAYOUT_BOUNDS)
     if bool(args.model) == bool(args.preset):
         raise ValueError("give exactly one of --model DIR or --preset NAME")
-    config = ModelConfig.load(args.model) if args.model else ModelConfig.from_name(args.preset)
+    config = model_dir_config(args.model) if args.model else ModelConfig.from_name(args.preset)
     layouts = _layouts(args, config)
     path = write_strategy(layouts, args.out, stage_dir=args.stage_dir)
     print_json({"strategy": str(path), "devices": device_count(layouts), "params": len(layouts),
@@ -120,7 +144,7 @@ def _ckpt_strategy(args) -> int:
 
 
 def _ckpt_transform(args) -> int:
-    from cllama.distributed.transform import transform, transform_rank
+    from cllama.distributed.transform import find_source, transform, transform_rank
 
     check_ranges(args, *LAYOUT_BOUNDS, ("--rank", 0, None))
     dst_strategy = args.dst_strategy
@@ -129,8 +153,7 @@ def _ckpt_transform(args) -> int:
             raise ValueError("give either --dst-strategy or --dp/--mp/--pp, not both")
         from cllama.config import ModelConfig
 
-        src = Path(args.src)
-        dst_strategy = _layouts(args, ModelConfig.load(src if src.is_dir() else src.parent))
+        dst_strategy = _layouts(args, ModelConfig.load(find_source(args.src, args.src_strategy).path))
     if args.rank is not None:
         out = transform_rank(args.src, args.rank, args.dst, args.src_strategy, dst_strategy)
         print_json({"rank": args.rank, "checkpoint": str(out), "verified": False})
@@ -197,7 +220,7 @@ def add_checkpoints(sub) -> None:
 def _data_alpaca(args) -> int:
     from cllama.data.prepare import convert_alpaca
 
-    print_json({"conversations": str(args.dst), "records": convert_alpaca(args.src, args.dst)})
+    print_json({"conversations": str(args.dst), "records": convert_alpaca(args.src, args.dst, args.overwrite)})
     return 0
 
 
@@ -212,7 +235,7 @@ def _data_prepare(args) -> int:
                        template=getattr(args, "template", "vicuna"), glob=getattr(args, "glob", None),
                        max_files=getattr(args, "max_files", None), fim_rate=getattr(args, "fim_rate", 0.0),
                        val_fraction=args.val_fraction, seed=args.seed, shards=args.shards, workers=args.workers,
-                       progress=not args.quiet)
+                       progress=not args.quiet, overwrite=args.overwrite)
     print_json({"dataset": str(prepared.path), "val_dataset": prepared.val_path and str(prepared.val_path),
                  "stats_file": str(prepared.stats_path), **prepared.stats})
     return 0
@@ -224,11 +247,12 @@ def add_data(sub) -> None:
     cmds = sub.add_parser("data", help="datasets: Alpaca -> conversations, qa / wiki / code -> MindRecord",
                           description="Write MindRecord datasets of seq_length+1 int32 tokens. Every DST "
                           "X.mindrecord gets X.stats.json beside it, and with --val-fraction a held-out "
-                          "X.val.mindrecord; --shards K writes X.mindrecord0..K-1.").add_subparsers(dest="action",
-                                                                                                   required=True)
+                          "X.val.mindrecord; --shards K writes X.mindrecord0..K-1. An existing DST (any of its "
+                          "files) is refused unless --overwrite.").add_subparsers(dest="action", required=True)
     alpaca = command(cmds, "alpaca", _data_alpaca, "Alpaca JSON -> conversation JSON (MindFormers alpaca_converter)")
     alpaca.add_argument("--src", required=True, help="Alpaca JSON list of {instruction, input, output}")
     alpaca.add_argument("--dst", required=True, help="conversation JSON to write")
+    alpaca.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     kinds = {"qa": ("conversations (or Alpaca records) -> {input_ids, labels}, prompts masked",
                     "conversation JSON from `cllama data alpaca` (Alpaca JSON is converted on the fly)"),
              "wiki": ("WikiText -> cleaned paragraphs packed into {input_ids}",
@@ -248,6 +272,8 @@ def add_data(sub) -> None:
                        help=f"MindRecord files to split the training set into (1..{MAX_SHARDS})")
         q.add_argument("--workers", type=int, help="tokenizer processes (default: all cores)")
         q.add_argument("--quiet", action="store_true", help="no progress bar")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing --dst whole: every file of the "
+                       "dataset (shards, .db indexes, held-out set, stats) is replaced or removed")
     cmds.choices["qa"].add_argument("--template", default="vicuna", choices=TEMPLATES,
                                     help="vicuna: Vicuna v1.1 (MindFormers' default); "
                                          "inst: Code Llama - Instruct [INST]")

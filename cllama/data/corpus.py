@@ -3,6 +3,7 @@ label masks, WikiText cleaning, source trees. Pure functions plus picklable per-
 (each loads the SentencePiece model once) that `cllama.data` runs in a process pool."""
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cllama.fileio import read_text
 from cllama.tokenizer import Tokenizer
 
 IGNORE_ID = -100  # MindFormers' ignore_token_id: label positions that carry no loss
@@ -27,14 +29,9 @@ Turns = list[tuple[str, str]]  # [(question, answer), ...] of one conversation
 
 # ---- JSON records -------------------------------------------------------------------------------
 def read_records(path: str | os.PathLike) -> list:
-    """A JSON file holding a non-empty list of records; errors name the file and the fix."""
+    """A JSON file holding a non-empty list of records; errors name the file, the line and the fix."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory; give a JSON file") from None
+    text = read_text(path, "JSON list of records (UTF-8)")
     if not text.strip():
         raise ValueError(f"{path}: file is empty; expected a JSON list of records")
     try:
@@ -46,6 +43,27 @@ def read_records(path: str | os.PathLike) -> list:
     if not records:
         raise ValueError(f"{path}: holds no records (an empty list)")
     return records
+
+
+def check_utf8(path: str | os.PathLike, what: str) -> None:
+    """ValueError naming the first byte of `path` that is not UTF-8 (its offset and line), found by a
+    streaming scan (for files too big to read whole); None when the file is all UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = newlines = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:  # err.object: the bytes held back from the last chunk + this one
+                at = offset - (len(err.object) - len(chunk)) + err.start
+                line = newlines + err.object.count(b"\n", 0, err.start) + 1
+                raise ValueError(f"{path}: not a {what}: byte {at} (line {line}) is not UTF-8 "
+                                 f"({err.object[err.start:err.start + 1]!r}); save it as UTF-8") from None
+            offset, newlines = offset + len(chunk), newlines + chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a {what}: it ends inside a UTF-8 character; save it as UTF-8") from None
 
 
 def alpaca_to_conversations(records: Sequence[dict], source: str = "alpaca") -> list[dict]:
@@ -162,14 +180,18 @@ def wiki_paragraphs(path: str | os.PathLike) -> Iterator[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: WikiText file not found (e.g. wikitext-2-raw/wiki.train.raw)")
     lines: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                lines.append(line if line.endswith("\n") else line + "\n")
-                continue
-            if lines and not lines[0].strip().startswith("="):
-                yield "".join(lines)
-            lines = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    lines.append(line if line.endswith("\n") else line + "\n")
+                    continue
+                if lines and not lines[0].strip().startswith("="):
+                    yield "".join(lines)
+                lines = []
+    except UnicodeDecodeError:
+        check_utf8(path, "WikiText file")  # names the byte and line
+        raise
     if lines and not lines[0].strip().startswith("="):
         yield "".join(lines)
 
@@ -177,12 +199,13 @@ def wiki_paragraphs(path: str | os.PathLike) -> Iterator[str]:
 # ---- source trees -------------------------------------------------------------------------------
 def code_files(src: str | os.PathLike | Sequence[str | os.PathLike], glob: str = "**/*.py",
                max_files: int | None = None) -> list[Path]:
-    """Files under each folder matching `glob` (sorted by path; files given directly are kept),
-    the first `max_files` of them."""
+    """Files under each folder matching `glob` (sorted by path; files given directly are kept, and
+    must be UTF-8), the first `max_files` of them."""
     found: list[Path] = []
     for root in [src] if isinstance(src, (str, os.PathLike)) else src:
         root = Path(root)
-        if root.is_file():
+        if root.is_file():  # named by the user: it must be text (files found by the glob are skipped if not)
+            read_text(root, "source file (UTF-8)")
             found.append(root)
         elif root.is_dir():
             matched = sorted((p for p in root.glob(glob) if p.is_file()), key=lambda p: str(p))

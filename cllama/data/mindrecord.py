@@ -8,6 +8,7 @@ only when complete (index files first, the data file readers open last).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -46,14 +47,19 @@ def dataset_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
-def remove_dataset(path: str | os.PathLike) -> None:
-    """Delete a dataset's files (`path`, its shards `path0..`, and their `.db` indexes) if present."""
+def existing_files(path: str | os.PathLike) -> list[Path]:
+    """The files of dataset `path` that exist: `path`, its shards `path0..`, and their `.db` indexes."""
     path = Path(path)
     pattern = re.compile(re.escape(path.name) + r"\d*(\.db)?")
-    if path.parent.is_dir():
-        for old in path.parent.iterdir():
-            if pattern.fullmatch(old.name) and old.is_file():
-                old.unlink()
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name) and p.is_file())
+
+
+def remove_dataset(path: str | os.PathLike) -> None:
+    """Delete a dataset's files (`path`, its shards `path0..`, and their `.db` indexes) if present."""
+    for old in existing_files(path):
+        old.unlink()
 
 
 class MindRecordWriter:
@@ -160,11 +166,35 @@ def _open(files: Sequence[Path], **kwargs):
     return ds.MindDataset([str(f) for f in files], **kwargs)
 
 
+def check_size(path: Path) -> None:
+    """A truncated MindRecord data file is one ValueError naming it (MindSpore would fail only while
+    iterating, deep in its reader). The file starts with an 8-byte length and a JSON header whose pages
+    (`page_id`, used `page_size`) sit at header_size + page_id * page_size; a header that does not
+    parse is left to MindSpore's own check."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(f.read(n)) if 0 < n <= min(size - 8, 1 << 26) else None
+            pages, header_size, page_size = header["page"], int(header["header_size"]), int(header["page_size"])
+            last = max(pages, key=lambda page: int(page["page_id"]), default=None)
+            need = header_size + (int(last["page_id"]) * page_size + int(last["page_size"]) if last else 0)
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+            return
+    if size < need:
+        raise ValueError(f"{path}: truncated MindRecord file: its header places {len(pages)} pages after "
+                         f"{header_size} header bytes, {need} bytes in all, the file has {size}; rewrite the dataset "
+                         "with `cllama data ...`")
+
+
 def _check_files(paths: Sequence[Path], columns: Sequence[str] | None) -> tuple[list[Path], list[str], int]:
-    """Resolve every dataset, check each file reads and has the columns; (files, columns, rows)."""
+    """Resolve every dataset, check each file is whole (check_size), reads and has the columns;
+    (files, columns, rows)."""
     files = [f for p in paths for f in dataset_files(p)]
     rows, names = 0, None
     for f in files:
+        check_size(f)
         try:
             dataset = _open([f], shuffle=False)
             rows += dataset.get_dataset_size()

@@ -34,13 +34,14 @@ from cllama.data.corpus import (
     QAEncoder,
     WikiEncoder,
     alpaca_to_conversations,
+    check_utf8,
     code_files,
     qa_records_to_turns,
     read_records,
     wiki_paragraphs,
 )
-from cllama.data.mindrecord import MindRecordWriter, remove_dataset
-from cllama.fileio import write_json
+from cllama.data.mindrecord import MindRecordWriter, existing_files, remove_dataset
+from cllama.fileio import check_destination, interrupted, publishing, write_json
 from cllama.tokenizer import Tokenizer, bundled_tokenizer_path, extend_tokenizer
 
 MIN_SEQ_LENGTH = 8
@@ -61,8 +62,10 @@ def stats_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{stem}.stats.json")
 
 
-def convert_alpaca(src: str | os.PathLike, dst: str | os.PathLike) -> int:
-    """Alpaca JSON file -> conversation JSON file (written atomically); returns the record count."""
+def convert_alpaca(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False) -> int:
+    """Alpaca JSON file -> conversation JSON file (written atomically); returns the record count. An
+    existing `dst` is refused unless `overwrite`."""
+    check_destination(dst, overwrite)
     conversations = alpaca_to_conversations(read_records(src), str(src))
     write_json(dst, conversations)
     return len(conversations)
@@ -171,7 +174,22 @@ class Prepared:
         return Path(self.stats["tokenizer"]["path"])
 
 
-def _check_options(dst, seq_length: int, val_fraction: float, shards: int) -> None:
+def check_outputs(dst: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse (FileExistsError, before any work) when a file of dataset `dst` exists: its data file or
+    shards `dst0..`, their `.db` indexes, the held-out set, the stats. With `overwrite` a new run replaces
+    them all (shards and held-out set of an older run included) once it is complete."""
+    found = [f for f in [*existing_files(dst), *existing_files(val_path(dst)), stats_path(dst)] if f.exists()]
+    if interrupted(dst):  # a run killed while publishing them: an incomplete dataset, not the user's
+        for f in found:
+            f.unlink(missing_ok=True)
+        found = []
+    if found and not overwrite:
+        listed = ", ".join(f.name for f in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise FileExistsError(f"{dst}: the dataset exists ({listed}); choose a new --dst or pass --overwrite "
+                              "(overwrite=True in Python and notebooks; all its files are then replaced)")
+
+
+def _check_options(dst, seq_length: int, val_fraction: float, shards: int, overwrite: bool) -> None:
     if Path(dst).is_dir():
         raise ValueError(f"{dst}: is a folder; give a dataset file name like {Path(dst) / 'train.mindrecord'}")
     if not isinstance(seq_length, int) or seq_length < MIN_SEQ_LENGTH:
@@ -181,6 +199,7 @@ def _check_options(dst, seq_length: int, val_fraction: float, shards: int) -> No
         raise ValueError(f"val_fraction must be in [0, 1) (got {val_fraction})")
     if shards < 1:
         raise ValueError(f"shards must be >= 1 (got {shards})")
+    check_outputs(dst, overwrite)
 
 
 def _run(kind: str, units: Iterable, total: int | None, encoder, dst, columns: Sequence[str], tok: Tokenizer,
@@ -205,7 +224,9 @@ def _run(kind: str, units: Iterable, total: int | None, encoder, dst, columns: S
             if val_fraction > 0 else None
         results = stack.enter_context(closing(parallel_map(encoder, units, workers, chunk_size)))
         bar = tqdm(results, total=total, desc=f"{kind} {dst.name}", unit="doc" if kind != "qa" else "ex",
-                   disable=not progress, mininterval=0.5)
+                   disable=not progress, mininterval=0.5, delay=1.0)  # delay: a quick failure shows no bar
+        stack.callback(bar.close)
+        stack.push(lambda failed, *_: setattr(bar, "leave", bar.leave and failed is None))  # an error clears it
         for index, result in enumerate(bar):
             to_val = val is not None and (index in held_out if held_out is not None else split.random() < val_fraction)
             sink = val if to_val else train
@@ -230,6 +251,7 @@ def _run(kind: str, units: Iterable, total: int | None, encoder, dst, columns: S
             if val.samples == 0:
                 raise ValueError(f"{params['source']}: val_fraction {val_fraction} held out no complete "
                                  f"sample ({val.units} {what}); raise val_fraction or give more data")
+        publishing(dst)  # from here to the stats, the files under dst's names are not one whole dataset
     if val is None:
         remove_dataset(val_path(dst))  # an earlier run's held-out set would not match this training set
     stats["seconds"] = round(time.perf_counter() - start, 3)
@@ -238,6 +260,7 @@ def _run(kind: str, units: Iterable, total: int | None, encoder, dst, columns: S
     stats["length"] = {"min": int(arr.min()), "mean": round(float(arr.mean()), 2),
                        "p50": int(np.percentile(arr, 50)), "p95": int(np.percentile(arr, 95)), "max": int(arr.max())}
     spath = write_json(stats_path(dst), stats)
+    publishing(dst, done=True)
     return Prepared(dst, val_path(dst) if val_fraction > 0 else None, spath, stats, arr)
 
 
@@ -248,11 +271,12 @@ def _tokenizer(path: str | os.PathLike | None) -> Tokenizer:
 def prepare_qa(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str | os.PathLike, *,
                seq_length: int, tokenizer: str | os.PathLike | None = None, template: str = "vicuna",
                max_examples: int | None = None, val_fraction: float = 0.0, seed: int = 0, shards: int = 1,
-               workers: int | None = None, progress: bool = True) -> Prepared:
+               workers: int | None = None, progress: bool = True, overwrite: bool = False) -> Prepared:
     """Conversation JSON (or Alpaca JSON, converted first) -> MindRecord {input_ids, labels} rows
     of seq_length+1 tokens: answers supervised, everything else IGNORE_ID; examples whose answer
-    is cut away entirely are dropped and counted. `max_examples`: the first N examples only."""
-    _check_options(dst, seq_length, val_fraction, shards)
+    is cut away entirely are dropped and counted. `max_examples`: the first N examples only. An existing
+    dataset `dst` is refused unless `overwrite` (check_outputs)."""
+    _check_options(dst, seq_length, val_fraction, shards, overwrite)
     if template not in TEMPLATES:
         raise ValueError(f"qa: template must be one of {TEMPLATES} (got {template!r})")
     tok = _tokenizer(tokenizer)
@@ -265,15 +289,17 @@ def prepare_qa(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str | 
 
 def prepare_wiki(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str | os.PathLike, *,
                  seq_length: int, tokenizer: str | os.PathLike | None = None, val_fraction: float = 0.0,
-                 seed: int = 0, shards: int = 1, workers: int | None = None, progress: bool = True) -> Prepared:
+                 seed: int = 0, shards: int = 1, workers: int | None = None, progress: bool = True,
+                 overwrite: bool = False) -> Prepared:
     """WikiText file(s) -> cleaned paragraphs (headings dropped) as bos+ids+eos, concatenated and
-    cut into seq_length+1 chunks -> MindRecord {input_ids}."""
-    _check_options(dst, seq_length, val_fraction, shards)
+    cut into seq_length+1 chunks -> MindRecord {input_ids}. `overwrite` as in prepare_qa."""
+    _check_options(dst, seq_length, val_fraction, shards, overwrite)
     tok = _tokenizer(tokenizer)
     sources = [src] if isinstance(src, (str, os.PathLike)) else list(src)
-    for s in sources:  # fail before writing anything
+    for s in sources:  # fail before any work
         if not Path(s).is_file():
             raise FileNotFoundError(f"{s}: WikiText file not found (e.g. wikitext-2-raw/wiki.train.raw)")
+        check_utf8(s, "WikiText file")
     paragraphs = (p for s in sources for p in wiki_paragraphs(s))
     return _run("wiki", paragraphs, None, WikiEncoder(tok.path), dst, ["input_ids"], tok, seq_length,
                 val_fraction, seed, shards, workers, progress, 512, {"source": ", ".join(map(str, sources))})
@@ -282,11 +308,13 @@ def prepare_wiki(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str 
 def prepare_code(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str | os.PathLike, *,
                  seq_length: int, tokenizer: str | os.PathLike | None = None, glob: str = "**/*.py",
                  max_files: int | None = None, fim_rate: float = 0.0, val_fraction: float = 0.0, seed: int = 0,
-                 shards: int = 1, workers: int | None = None, progress: bool = True) -> Prepared:
+                 shards: int = 1, workers: int | None = None, progress: bool = True,
+                 overwrite: bool = False) -> Prepared:
     """Source files (one document each) -> bos+ids+eos, or with probability fim_rate a FIM layout
     (PSM/SPM 50/50, `cllama.data.fim`), packed into seq_length+1 chunks -> MindRecord {input_ids}.
-    Empty and non-UTF-8 files are skipped and counted."""
-    _check_options(dst, seq_length, val_fraction, shards)
+    Empty and non-UTF-8 files found under folders are skipped and counted (stats layouts `empty`,
+    `not_utf8`); a file named in `src` must be UTF-8. `overwrite` as in prepare_qa."""
+    _check_options(dst, seq_length, val_fraction, shards, overwrite)
     if not 0 <= fim_rate <= 1:
         raise ValueError(f"code: fim_rate must be in [0, 1] (got {fim_rate}); Code Llama used 0.9")
     tok = _tokenizer(tokenizer)
@@ -321,18 +349,21 @@ def default_inputs(kind: str, inputs: Sequence[str | os.PathLike] = ()) -> list[
 def prepare(kind: str, inputs: Sequence[str | os.PathLike], dst: str | os.PathLike, *, seq_length: int,
             tokenizer: str | os.PathLike | None = None, template: str = "vicuna", max_examples: int | None = None,
             glob: str = "**/*.py", max_files: int | None = None, fim_rate: float = 0.0, val_fraction: float = 0.0,
-            seed: int = 0, shards: int = 1, workers: int | None = None, progress: bool = True) -> Prepared:
+            seed: int = 0, shards: int = 1, workers: int | None = None, progress: bool = True,
+            overwrite: bool = False) -> Prepared:
     """One dataset of `kind` (qa, wiki or code; see prepare_qa / prepare_wiki / prepare_code and
     default_inputs). Without a tokenizer: the bundled Llama 2 one, for code with FIM extended to
-    Code Llama's 32016 pieces (written beside dst). Options of other kinds are ignored."""
+    Code Llama's 32016 pieces (written beside dst). Options of other kinds are ignored. An existing
+    dataset `dst` is refused unless `overwrite` (check_outputs)."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: choose one of {list(KINDS)}")
+    _check_options(dst, seq_length, val_fraction, shards, overwrite)  # before the tokenizer is written
     inputs = default_inputs(kind, inputs)
     if tokenizer is None and kind == "code" and fim_rate > 0:
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
-        tokenizer = extend_tokenizer(bundled_tokenizer_path(), Path(dst).parent / "tokenizer.model")
+        tokenizer = extend_tokenizer(bundled_tokenizer_path(), Path(dst).parent / "tokenizer.model", overwrite)
     common = dict(seq_length=seq_length, tokenizer=tokenizer, val_fraction=val_fraction, seed=seed, shards=shards,
-                  workers=workers, progress=progress)
+                  workers=workers, progress=progress, overwrite=overwrite)
     if kind == "qa":
         return prepare_qa(inputs, dst, template=template, max_examples=max_examples, **common)
     if kind == "wiki":
@@ -343,10 +374,11 @@ def prepare(kind: str, inputs: Sequence[str | os.PathLike], dst: str | os.PathLi
 def dataset_or_prepared(data: str | os.PathLike, val_data: str | os.PathLike, kind: str, out_dir: str | os.PathLike,
                         **options) -> tuple[str, str]:
     """(training set, held-out set) as given; when `data` is empty, `prepare(kind, [], ...)` builds
-    one in `<out_dir>/data/` (5% held out unless options say otherwise) and its files are used."""
+    one in `<out_dir>/data/` (5% held out unless options say otherwise; a stand-in, rebuilt on every
+    call) and its files are used."""
     if data:
         return str(data), str(val_data or "")
-    options = {"val_fraction": 0.05, **options}
+    options = {"val_fraction": 0.05, "overwrite": True, **options}
     prepared = prepare(kind, [], Path(out_dir) / "data" / f"{kind}.mindrecord", **options)
     return str(prepared.path), str(val_data or prepared.val_path or "")
 

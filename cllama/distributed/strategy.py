@@ -31,7 +31,7 @@ import numpy as np
 
 from cllama.config import ModelConfig
 from cllama.distributed.parallel import ParallelConfig
-from cllama.fileio import atomic_path
+from cllama.fileio import atomic_path, work_prefix
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ def write_strategy(layouts: Mapping[str, ParamLayout], path: str | os.PathLike,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stages = sorted({lay.stage for lay in layouts.values()})
-    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent, prefix=".strategy.work-") as work:
+    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent, prefix=work_prefix(path)) as work:
         if stages == [0]:
             tmp.write_bytes(_stage_proto(list(layouts.values()), 0).SerializeToString())
         else:
@@ -306,6 +306,16 @@ def check_strategy(layouts: Mapping[str, ParamLayout], shapes: Mapping[str, tupl
 def device_count(layouts: Mapping[str, ParamLayout]) -> int:
     first = next(iter(layouts.values()))
     return first.stage_devices * (max(lay.stage for lay in layouts.values()) + 1)
+
+
+def describe_layout(layouts: Mapping[str, ParamLayout]) -> str:
+    """'dp1 mp2 pp1': the layout's pipeline stages, its largest split of one tensor dim (model
+    parallel) and the rest of each stage's devices (data parallel)."""
+    pp = max(lay.stage for lay in layouts.values()) + 1
+    per_stage = device_count(layouts) // pp
+    mp = max((max(lay.splits, default=1) // max(lay.opt_shard_size, 1) for lay in layouts.values()), default=1)
+    mp = mp if mp and per_stage % mp == 0 else 1
+    return f"dp{per_stage // mp} mp{mp} pp{pp}"
 
 
 def shard_table(layouts: Mapping[str, ParamLayout], itemsize: int = 4) -> list[dict]:

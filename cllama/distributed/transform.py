@@ -23,17 +23,27 @@ from typing import Union
 
 import numpy as np
 
-from cllama.checkpoint.files import FORMATS, SUFFIXES, file_format, is_model_dir, shard_file, weights_file
+from cllama.checkpoint.files import (
+    FORMATS,
+    SUFFIXES,
+    check_weights,
+    file_format,
+    is_model_dir,
+    shard_file,
+    weights_file,
+)
 from cllama.checkpoint.lora import ADAPTER_CONFIG, ADAPTER_FORMATS
 from cllama.distributed.strategy import (
     ParamLayout,
     check_strategy,
+    describe_layout,
     device_count,
     memory_per_rank,
     read_strategy,
     write_strategy,
 )
-from cllama.fileio import install, remove_stale, temp_path, work_prefix
+from cllama.fileio import install, remove_stale, temp_path, with_final_names, work_prefix
+from cllama.tokenizer import check_tokenizer
 
 PREFIX = "checkpoint_"  # MindFormers' shard file prefix: rank_X/checkpoint_X.ckpt
 STRATEGY_FILE = "strategy.ckpt"
@@ -74,12 +84,17 @@ def find_source(src: str | os.PathLike, strategy: StrategyArg = None) -> Source:
         if strategy is None:
             raise ValueError(f"{src}: sharded checkpoint without {STRATEGY_FILE}; pass --src-strategy "
                              "(the training job's strategy file, or the folder of its per-stage files)")
+        for shard in shard_files(src).values():
+            check_weights(shard)  # headers against the file: a damaged shard is one clear error
         return Source(src, None, strategy)
     else:
         raise FileNotFoundError(f"{src}: no checkpoint (expected a .ckpt or .safetensors file, a model directory, "
                                 "or a folder with rank_X/ subfolders)")
     if strategy is not None:
         raise ValueError(f"{src}: a full checkpoint has no source strategy; drop --src-strategy")
+    check_weights(full)  # headers against the file: a damaged one is one clear error
+    if (full.parent / "tokenizer.model").is_file():  # copied beside the result: refuse a damaged one first
+        check_tokenizer(full.parent / "tokenizer.model")
     return Source(full.parent, full, None)
 
 
@@ -179,9 +194,11 @@ def _run(src_dir: str, out: Path, src_file: str | None, dst_file: str | None, fm
     import mindspore as ms
 
     from cllama.checkpoint.convert import write_weights
+    from cllama.checkpoint.model_dir import mindspore_logs_off
     from cllama.checkpoint.sources import ms_sources
 
-    ms.transform_checkpoints(src_dir, str(out), PREFIX, src_file, dst_file, output_format="ckpt")
+    with mindspore_logs_off():  # its CRITICAL lines name work files; the error raised says it all
+        ms.transform_checkpoints(src_dir, str(out), PREFIX, src_file, dst_file, output_format="ckpt")
     for path in out.glob("rank_*/*.ckpt") if fmt == "safetensors" else ():
         write_weights(ms_sources(path), path.with_suffix(".safetensors"), progress=False)
         path.unlink()
@@ -281,9 +298,12 @@ def transform(src: str | os.PathLike, dst: str | os.PathLike, src_strategy: Stra
             if verify:
                 report.update(_verify(source, tmp, src_file, dst_file, src_sums, work, fmt))
                 steps.update(1)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            named = with_final_names(err, _user_names(work, tmp, dst), dst) if isinstance(err, Exception) else None
+            if named is None:
+                raise
+            raise named.with_traceback(err.__traceback__) from None
         finally:
             steps.close()
     install(tmp, dst)
@@ -335,29 +355,67 @@ def merge(step_dir: str | os.PathLike, dst: str | os.PathLike, strategy: Strateg
     return transform(step_dir, dst, src_strategy=strategy, overwrite=overwrite, progress=progress, fmt=fmt)
 
 
+def _user_names(work: Path, tmp: Path, dst: Path) -> dict[Path, Path]:
+    """{temporary path: the user's path} for error messages: the output's temporary name -> `dst`, each
+    staged link -> the shard it links."""
+    names = {tmp: dst}
+    for link in work.glob("staged-*/rank_*/*"):
+        if link.is_symlink():
+            names[link] = Path(os.readlink(link))
+    return names
+
+
+def check_rank(rank: int, dst_file: str | None, dst_strategy: StrategyArg) -> int:
+    """`rank` if the destination layout has it (dp*mp*pp devices; one, a full checkpoint, without a
+    strategy); else one error naming the layout and its ranks."""
+    if dst_file is None:
+        layout, count = "a full checkpoint (no --dst-strategy or --dp/--mp/--pp)", 1
+    else:
+        layouts = read_strategy(dst_file)
+        count = device_count(layouts)
+        layout = describe_layout(layouts)
+        if not isinstance(dst_strategy, Mapping):
+            layout = f"{dst_strategy} ({layout})"
+    if not 0 <= rank < count:
+        ranks = f"ranks 0-{count - 1}" if count > 1 else "only rank 0"
+        raise ValueError(f"--rank {rank}: the destination layout {layout} has {ranks}; give one of them")
+    return rank
+
+
 def transform_rank(src: str | os.PathLike, rank: int, dst: str | os.PathLike,
                    src_strategy: StrategyArg = None, dst_strategy: StrategyArg = None) -> Path:
     """One destination rank's shard via `mindspore.transform_checkpoint_by_rank` (what a cluster
     node runs for its own ranks): reads only the source ranks `rank_list_for_transform` names.
-    Writes `dst/rank_<rank>/checkpoint_<rank>.ckpt` atomically and returns it."""
+    Writes `dst/rank_<rank>/checkpoint_<rank>.ckpt` atomically and returns it; on an error nothing
+    is written (the work folder beside `dst` is removed)."""
     import mindspore as ms
 
     source = find_source(src, src_strategy)
-    out = Path(dst) / f"rank_{rank}" / f"{PREFIX}{rank}.ckpt"
+    dst = Path(dst)
+    out = dst / f"rank_{rank}" / f"{PREFIX}{rank}.ckpt"
     if source.fmt != "ckpt":
         raise ValueError(f"{src}: transform_checkpoint_by_rank reads .ckpt shards; merge safetensors ones with "
                          "`cllama ckpt transform` (all ranks) instead")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".work-") as work_dir:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(dst)  # a killed earlier run's DST.work-PID-*
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=work_prefix(dst)) as work_dir:
         work = Path(work_dir)
         src_file = _strategy_file(source.strategy, work, "src_strategy")
         dst_file = _strategy_file(dst_strategy, work, "dst_strategy")
+        check_rank(rank, dst_file, dst_strategy)
         files = {r: str(p) for r, p in shard_files(source.path).items()} if source.sharded else {0: str(source.ckpt)}
         needed = ms.rank_list_for_transform(rank, src_file, dst_file)
         missing = [r for r in needed if r not in files]
         if missing:
             raise ValueError(f"{source.path}: rank {rank} needs source ranks {missing}, which are missing")
         tmp = work / f"{PREFIX}{rank}.ckpt"
-        ms.transform_checkpoint_by_rank(rank, {r: files[r] for r in needed}, str(tmp), src_file, dst_file)
+        try:
+            ms.transform_checkpoint_by_rank(rank, {r: files[r] for r in needed}, str(tmp), src_file, dst_file)
+        except Exception as err:
+            named = with_final_names(err, {tmp: out}, out)
+            if named is None:
+                raise
+            raise named.with_traceback(err.__traceback__) from None
+        out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
     return out

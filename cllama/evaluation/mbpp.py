@@ -19,10 +19,11 @@ run is `test_setup_code + "\\n" + completion + "\\n" + test_list` (the asserts; 
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional
+
+from cllama.fileio import read_jsonl
 
 FIELDS = {"task_id": int, "text": str, "code": str, "test_list": list, "test_setup_code": str,
           "challenge_test_list": list}
@@ -36,23 +37,15 @@ FORMAT = ("Google's original mbpp.jsonl: one JSON object per line with task_id (
 def read_mbpp(path: str | os.PathLike) -> dict[int, dict]:
     """The tasks of an MBPP file by task_id; one clear error for a missing or malformed file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: MBPP data not found; download {FORMAT} "
                                 "(github.com/google-research/google-research/tree/master/mbpp) and pass its path")
     tasks: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err.msg}); expected {FORMAT}") from None
-            bad = [k for k, kind in FIELDS.items() if not isinstance(row.get(k) if isinstance(row, dict) else None,
-                                                                           kind)]
-            if bad:
-                raise ValueError(f"{path}:{number}: fields {bad} missing or of the wrong type; expected {FORMAT}")
-            tasks[row["task_id"]] = row
+    for number, row in read_jsonl(path, "MBPP file", f"expected {FORMAT}"):
+        bad = [k for k, kind in FIELDS.items() if not isinstance(row.get(k) if isinstance(row, dict) else None, kind)]
+        if bad:
+            raise ValueError(f"{path}:{number}: fields {bad} missing or of the wrong type; expected {FORMAT}")
+        tasks[row["task_id"]] = row
     missing = [i for i in FEW_SHOT_IDS if i not in tasks]
     if missing:
         raise ValueError(f"{path}: lacks the few-shot tasks {missing} (task_id 2, 3, 4); expected {FORMAT}")

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cllama.fileio import atomic_path, read_json, write_json
+from cllama.tokenizer import check_tokenizer
 
 PREFILL_FILE = "mindir_full_checkpoint/rank_0_graph.mindir"
 DECODE_FILE = "mindir_inc_checkpoint/rank_0_graph.mindir"
@@ -67,6 +68,8 @@ def export_mindir(model, out_dir: str | os.PathLike, batch_size: int, seq_length
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists; choose a new --out or pass --overwrite")
+    if tokenizer_model is not None:
+        check_tokenizer(tokenizer_model)
     model.set_train(False)
     keys_shape, values_shape = cache_shapes(config, b, s)
     dtype = model.compute_dtype

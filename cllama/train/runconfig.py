@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 from cllama.checkpoint.lora import DEFAULT_TARGETS, LoraConfig
 from cllama.config import ModelConfig
 from cllama.distributed.parallel import ParallelConfig, auto_parallel_settings
-from cllama.fileio import atomic_write
+from cllama.fileio import atomic_write, read_yaml
 from cllama.runtime import REPO_ROOT
 
 TOP_LEVEL_KEYS = {
@@ -188,17 +188,17 @@ def find_config(path: str | os.PathLike) -> Path:
     beside = REPO_ROOT / path
     if not path.is_absolute() and beside.is_file():
         return beside
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; expected a run YAML (see configs/tiny/pretrain.yaml)")
     raise FileNotFoundError(f"{path}: run config not found (see configs/tiny/pretrain.yaml)")
 
 
 def load_run_config(path: str | os.PathLike, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
     """Read a run YAML (MindFormers layout), apply dotted-key overrides, check every section."""
-    import yaml
-
     path = find_config(path)
-    doc = yaml.safe_load(path.read_text())
+    doc = read_yaml(path, "run YAML", "see configs/tiny/pretrain.yaml")
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: not a YAML mapping of run settings")
+        raise ValueError(f"{path}: not a YAML mapping of run settings (see configs/tiny/pretrain.yaml)")
     for key, value in (overrides or {}).items():
         set_key(doc, key, value)
     return parse_run_config(doc, str(path))

@@ -1,8 +1,14 @@
 """The run ledger `<runs_dir>/index.csv`: one row per `cllama run` (name, start, duration, status,
-key parameters and metrics), and reading runs back for comparison (notebooks/09_compare_runs)."""
+key parameters and metrics), and reading runs back for comparison (notebooks/09_compare_runs).
+
+The ledger is UTF-8 CSV with a header. Reading takes a ledger of an older version (columns missing:
+read as empty) and keeps columns it does not know (they are written back); a file that is not such
+a CSV (another encoding, a row longer than the header, no run_id column) is refused with one error
+and never rewritten: a runner refuses to start rather than replace it."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -55,7 +61,7 @@ def update_ledger(runs_dir: str | os.PathLike, row: Mapping[str, Any]) -> Path:
         else:
             rows.append(dict(row))
         fields = LEDGER_FIELDS + sorted({k for r in rows for k in r} - set(LEDGER_FIELDS))
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
@@ -63,18 +69,56 @@ def update_ledger(runs_dir: str | os.PathLike, row: Mapping[str, Any]) -> Path:
 
 
 def read_ledger_rows(path: str | os.PathLike) -> list[dict]:
-    """The rows of index.csv; a `running` row whose runner (host:pid) is this host's and no longer
-    alive reads as `killed`."""
+    """The rows of index.csv (`path` or a runs folder holding it), every LEDGER_FIELDS column present
+    (empty when an older ledger lacks it); a `running` row whose runner (host:pid) is this host's and
+    no longer alive reads as `killed`. A file that is not a cllama ledger is a ValueError."""
     path = Path(path)
     if path.is_dir():
         path = path / "index.csv"
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = _parse_ledger(path)
     for row in rows:
         if row.get("status") == "running" and _runner_gone(row.get("runner") or ""):
             row["status"] = "killed"
+    return rows
+
+
+def _parse_ledger(path: Path) -> list[dict]:
+    def refuse(reason: str) -> ValueError:
+        return ValueError(f"{path}: not a cllama ledger ({reason}); move it aside (a new one is started) or fix it")
+
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise refuse("UTF-16 text; save it as UTF-8")
+    if b"\x00" in data:
+        raise refuse("NUL bytes: binary data, or UTF-16 text without a byte order mark")
+    try:
+        text = data.decode("utf-8-sig")  # a spreadsheet's byte order mark is fine
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise refuse(f"not UTF-8: byte {data[err.start]:#04x} on line {line}; save it as UTF-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, [])
+        if not any(header):
+            if text.strip():
+                raise refuse("its first line is empty; the first line is the header, starting with run_id")
+            return []
+        if "run_id" not in header:
+            raise refuse(f"the first line has no run_id column: {', '.join(header)[:80]!r}")
+        if len(set(header)) != len(header):
+            raise refuse(f"columns named twice: {sorted({c for c in header if header.count(c) > 1})}")
+        rows = []
+        for values in reader:
+            if not values:
+                continue
+            if len(values) > len(header):
+                raise refuse(f"line {reader.line_num} has {len(values)} fields, the header {len(header)}")
+            rows.append({**dict.fromkeys(LEDGER_FIELDS, ""), **dict(zip(header, values)),
+                         **dict.fromkeys(header[len(values):], "")})
+    except csv.Error as err:
+        raise refuse(f"CSV error on line {reader.line_num}: {err}") from None
     return rows
 
 

@@ -20,18 +20,18 @@ Running them is cllama.workbench.runner's.
 from __future__ import annotations
 
 import ast
-import contextlib
+import difflib
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
+from cllama.fileio import read_yaml
 from cllama.runtime import REPO_ROOT
 from cllama.train import runconfig
+from cllama.workbench.stage_notebooks import notebook_parameters, outputs, shown
 
 REF = re.compile(r"\$\{([^}]*)\}")
 REF_KINDS = ("artifacts", "metrics", "params")
@@ -63,6 +63,8 @@ def find_notebook(path: str | os.PathLike, source: str = "pipeline") -> Path:
     for candidate in (path, REPO_ROOT / path):
         if candidate.is_file():
             return candidate.resolve()
+        if candidate.is_dir():
+            raise ValueError(f"{source}: notebook {path} is a folder; give the .ipynb file")
     raise FileNotFoundError(f"{source}: notebook {path} not found (relative paths are tried from the current "
                             f"folder and from {REPO_ROOT})")
 
@@ -88,10 +90,7 @@ def load_pipeline(path: str | os.PathLike, overrides: Mapping[str, Any] | None =
     whose notebook has it). Structure errors name the file and field; see `validate` for the rest."""
     path = find_pipeline(path)
     source = str(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{source}: not valid YAML: {err}") from None
+    doc = read_yaml(path, "pipeline YAML", "see configs/pipelines/demo.yaml")
     if not isinstance(doc, dict):
         raise ValueError(f"{source}: expected a mapping with name and stages")
     unknown = set(doc) - {"name", "description", "params", "stages"}
@@ -115,6 +114,8 @@ def load_pipeline(path: str | os.PathLike, overrides: Mapping[str, Any] | None =
         extra = set(entry) - {"name", "notebook", "params"}
         if extra:
             raise ValueError(f"{where}: unknown key(s) {sorted(extra)}; a stage has name, notebook, params")
+        if not isinstance(entry["notebook"], str) or not entry["notebook"].strip():
+            raise ValueError(f"{where}: notebook must be the path of an .ipynb file (got {entry['notebook']!r})")
         stage_name = str(entry.get("name") or Path(entry["notebook"]).stem.split("_", 1)[-1])
         if not re.fullmatch(r"[A-Za-z_][\w-]*", stage_name):
             raise ValueError(f"{where}: name {stage_name!r}: start with a letter, then letters, digits, '_' or '-'")
@@ -124,9 +125,10 @@ def load_pipeline(path: str | os.PathLike, overrides: Mapping[str, Any] | None =
         params = entry.get("params") or {}
         if not isinstance(params, dict):
             raise ValueError(f"{where} ({stage_name}): params must be a mapping of parameter: value")
-        stages.append(Stage(stage_name, find_notebook(entry["notebook"], f"{where} ({stage_name})"), dict(params)))
+        notebook = find_notebook(entry["notebook"], f"{source}: stage {stage_name!r}")
+        stages.append(Stage(stage_name, notebook, dict(params)))
     pipeline = Pipeline(str(name), stages, source, str(doc.get("description") or ""))
-    declared = {s.name: notebook_parameters(s.notebook) for s in stages}
+    declared = {s.name: notebook_parameters(s.notebook, f"{source}: stage {s.name!r}") for s in stages}
     for stage in stages:  # shared params go to every stage that declares them, under its own
         stage.params = {**{k: v for k, v in shared.items() if k in declared[stage.name]}, **stage.params}
     unused = [k for k in shared if not any(k in d for d in declared.values())]
@@ -144,27 +146,6 @@ def load_pipeline(path: str | os.PathLike, overrides: Mapping[str, Any] | None =
             stage.params[param if dot else key] = value
     validate(pipeline)
     return pipeline
-
-
-@contextlib.contextmanager
-def quiet_papermill() -> Iterator[None]:
-    import logging
-
-    logger = logging.getLogger("papermill")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def notebook_parameters(path: str | os.PathLike) -> dict[str, dict]:
-    """A notebook's parameters as papermill sees them: name -> {default, help, ...}."""
-    import papermill
-
-    with quiet_papermill():
-        return papermill.inspect_notebook(str(path))
 
 
 def _literal(text: str) -> Any:
@@ -190,11 +171,12 @@ def _type_problem(name: str, default_src: str, value: Any) -> Optional[str]:
 
 def validate(pipeline: Pipeline) -> None:
     """Every stage parameter exists in its notebook with a value of the default's type, no stage sets
-    output_dir, and every ${stage.kind.name} names an earlier stage. One error lists every problem."""
+    output_dir, and every ${stage.kind.name} names an earlier stage and something its notebook writes
+    (as far as `stage_notebooks.outputs` can read it). One error lists every problem."""
     problems = []
-    earlier: list[str] = []
+    earlier: dict[str, Stage] = {}
     for stage in pipeline.stages:
-        declared = notebook_parameters(stage.notebook)
+        declared = notebook_parameters(stage.notebook, f"{pipeline.source}: stage {stage.name!r}")
         where = f"stage {stage.name!r} ({stage.notebook.name})"
         if "output_dir" not in declared:
             problems.append(f"{where}: the notebook has no output_dir parameter; the runner needs one")
@@ -210,10 +192,10 @@ def validate(pipeline: Pipeline) -> None:
                 if problem:
                     problems.append(f"{where}: {problem}")
             for ref in _references(value):
-                problem = _reference_problem(ref, earlier)
+                problem, _ = _reference_status(ref, earlier)
                 if problem:
-                    problems.append(f"{where}: {param}: {problem}")
-        earlier.append(stage.name)
+                    problems.append(f"stage {stage.name!r} param {param!r}: {problem}")
+        earlier[stage.name] = stage
     if problems:
         raise ValueError(f"{pipeline.source}: " + ("\n  " if len(problems) > 1 else "") + "\n  ".join(problems))
 
@@ -223,52 +205,58 @@ def check_pipeline(pipeline: Pipeline) -> list[dict]:
     each stage's run YAML (`config`, with the stage's config_overrides and peft choice) loads, its
     parallel layout fits the stage's device count (workers x nodes) and the model, and its per-rank
     memory plan (cllama.distributed.planner) fits the devices (Ascend/GPU runs). Returns what was
-    checked, per stage, with the plan (`memory_plan_gb`)."""
+    checked, per stage, with the plan (`memory_plan_gb`) and what became of each ${...} reference
+    (`references`: checked against the producing notebook, or why it could not be)."""
+    references = reference_checks(pipeline)
+    report = []
+    for stage in pipeline.stages:
+        entry = _check_stage(pipeline, stage)
+        if references[stage.name]:
+            entry["references"] = references[stage.name]
+        report.append(entry)
+    return report
+
+
+def _check_stage(pipeline: Pipeline, stage: Stage) -> dict:
     from cllama.distributed.parallel import parallel_mode_name
     from cllama.distributed.planner import GB, plan_run, plan_table
     from cllama.train.runconfig import find_config, load_run_config, peft_overrides
 
-    report = []
-    for stage in pipeline.stages:
-        config = stage.params.get("config")
-        if not isinstance(config, str) or not config or REF.search(config):
-            report.append({"stage": stage.name, "checked": "parameters"})
-            continue
-        where = f"{pipeline.source}: stage {stage.name!r}: config {config}"
+    config = stage.params.get("config")
+    if not isinstance(config, str) or not config or REF.search(config):
+        return {"stage": stage.name, "checked": "parameters"}
+    where = f"{pipeline.source}: stage {stage.name!r}: config {config}"
+    try:
+        extra = stage.params.get("config_overrides") or {}
+        lora = {k: stage.params[f"lora_{k}"] for k in ("rank", "alpha", "dropout", "targets")
+                if f"lora_{k}" in stage.params}
+        extra = {**(extra if isinstance(extra, dict) else {}), **peft_overrides(stage.params.get("peft", ""), **lora)}
+        run = load_run_config(find_config(config), extra)
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"{where}: {err}") from None
+    workers, nodes = int(stage.params.get("workers", 1)), int(stage.params.get("nodes", 1))
+    devices = workers * nodes
+    entry = {"stage": stage.name, "checked": "parameters, run config", "config": str(find_config(config)),
+             "params": run.model.num_params(), "devices": devices}
+    if devices > 1:
+        mode = parallel_mode_name(run.parallel.get("parallel_mode", 0)) if run.use_parallel else "data_parallel"
+        device = "CPU" if mode == "data_parallel" else "Ascend"  # semi-auto layouts are for Ascend
         try:
-            extra = stage.params.get("config_overrides") or {}
-            lora = {k: stage.params[f"lora_{k}"] for k in ("rank", "alpha", "dropout", "targets")
-                    if f"lora_{k}" in stage.params}
-            extra = {**(extra if isinstance(extra, dict) else {}),
-                     **peft_overrides(stage.params.get("peft", ""), **lora)}
-            run = load_run_config(find_config(config), extra)
-        except (ValueError, FileNotFoundError) as err:
-            raise ValueError(f"{where}: {err}") from None
-        workers, nodes = int(stage.params.get("workers", 1)), int(stage.params.get("nodes", 1))
-        devices = workers * nodes
-        entry = {"stage": stage.name, "checked": "parameters, run config", "config": str(find_config(config)),
-                 "params": run.model.num_params(), "devices": devices}
-        if devices > 1:
-            mode = parallel_mode_name(run.parallel.get("parallel_mode", 0)) if run.use_parallel else "data_parallel"
-            device = "CPU" if mode == "data_parallel" else "Ascend"  # semi-auto layouts are for Ascend
-            try:
-                settings = run.parallel_settings(device, devices)
-            except ValueError as err:
-                raise ValueError(f"{where} on {workers} worker(s) x {nodes} node(s): {err}") from None
-            entry.update(checked="parameters, run config, parallel layout", auto_parallel_context=settings)
-        if run.device == "CPU":  # host memory, and the data's length decides: nothing to plan
-            report.append(entry)
-            continue
-        memory = plan_run(run, devices)
-        entry["memory_plan_gb"] = {**plan_table(memory)[0], "usable": round(memory["usable_bytes"] / GB, 2)}
-        if not memory["fits"]:
-            row = entry["memory_plan_gb"]
-            raise ValueError(f"{where} on {devices} device(s): each rank needs {row['total']} GB (weights "
-                             f"{row['weights']}, gradients {row['gradients']}, optimizer {row['optimizer']}, "
-                             f"activations {row['activations']}), more than the {row['usable']} GB usable; "
-                             "`cllama plan` lists layouts that fit")
-        report.append(entry)
-    return report
+            settings = run.parallel_settings(device, devices)
+        except ValueError as err:
+            raise ValueError(f"{where} on {workers} worker(s) x {nodes} node(s): {err}") from None
+        entry.update(checked="parameters, run config, parallel layout", auto_parallel_context=settings)
+    if run.device == "CPU":  # host memory, and the data's length decides: nothing to plan
+        return entry
+    memory = plan_run(run, devices)
+    entry["memory_plan_gb"] = {**plan_table(memory)[0], "usable": round(memory["usable_bytes"] / GB, 2)}
+    if not memory["fits"]:
+        row = entry["memory_plan_gb"]
+        raise ValueError(f"{where} on {devices} device(s): each rank needs {row['total']} GB (weights "
+                         f"{row['weights']}, gradients {row['gradients']}, optimizer {row['optimizer']}, "
+                         f"activations {row['activations']}), more than the {row['usable']} GB usable; "
+                         "`cllama plan` lists layouts that fit")
+    return entry
 
 
 def _references(value: Any) -> list[str]:
@@ -281,16 +269,42 @@ def _references(value: Any) -> list[str]:
     return []
 
 
-def _reference_problem(ref: str, earlier: list[str]) -> Optional[str]:
+def _reference_status(ref: str, earlier: Mapping[str, Stage]) -> tuple[Optional[str], str]:
+    """(what is wrong with ${ref}, None if nothing; what was checked)."""
     if ref == "run_dir":
-        return None
+        return None, "the run folder"
     parts = ref.split(".", 2)
     if len(parts) != 3 or parts[1] not in REF_KINDS:
         return (f"${{{ref}}}: write ${{STAGE.artifacts.NAME}}, ${{STAGE.metrics.NAME}}, ${{STAGE.params.NAME}} "
-                "or ${run_dir}")
-    if parts[0] not in earlier:
-        return f"${{{ref}}}: {parts[0]!r} is not an earlier stage (earlier: {earlier})"
-    return None
+                "or ${run_dir}"), ""
+    stage, kind, name = parts
+    if stage not in earlier:
+        return f"${{{ref}}}: {stage!r} is not an earlier stage (earlier: {list(earlier)})", ""
+    found = outputs(earlier[stage].notebook)
+    names, unread = sorted(found.names[kind]), found.unread[kind]
+    producer = f"stage {stage!r} ({shown(earlier[stage].notebook)})"
+    if name in names:
+        return None, f"checked: {shown(earlier[stage].notebook)} writes it"
+    if unread:
+        return None, (f"not checked: {producer} computes some {kind} names at run time ({'; '.join(unread)}); "
+                      "the run checks it when it resolves the reference")
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5) or \
+        [n for n in names if re.fullmatch(".*".join(map(re.escape, name)) + ".*", n)][:1]  # ckpt -> checkpoint
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"${{{ref}}}: {producer} produces {kind} {names}{hint}" if names else \
+        f"${{{ref}}}: {producer} produces no {kind}", ""
+
+
+def reference_checks(pipeline: Pipeline) -> dict[str, dict[str, str]]:
+    """What `validate` could check of each stage's ${...} references: {stage: {reference: note}}."""
+    out: dict[str, dict[str, str]] = {}
+    earlier: dict[str, Stage] = {}
+    for stage in pipeline.stages:
+        refs = sorted({ref for value in stage.params.values() for ref in _references(value)})
+        out[stage.name] = {f"${{{ref}}}": problem or note for ref in refs
+                           for problem, note in [_reference_status(ref, earlier)]}
+        earlier[stage.name] = stage
+    return out
 
 
 def resolve(value: Any, done: Mapping[str, dict], run_dir: Path) -> Any:

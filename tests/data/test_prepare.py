@@ -234,7 +234,10 @@ def test_held_out_split_deterministic_and_disjoint(tmp_path, small_conv):
     assert not as_set(train) & as_set(val)
     assert len(train) + len(val) == len(full) and as_set(train) | as_set(val) == as_set(full)
     assert runs[0].stats["val"]["units"] == 120 and runs[0].stats["val"]["samples"] == len(val)
-    prepare_qa(small_conv, runs[0].path, seq_length=255, progress=False)  # rerun without a held-out set
+    refused = r"a.mindrecord: the dataset exists \(a.mindrecord, a.mindrecord.db, a.val.mindrecord, .*--overwrite"
+    with pytest.raises(FileExistsError, match=refused):  # an existing dataset is refused
+        prepare_qa(small_conv, runs[0].path, seq_length=255, progress=False)
+    prepare_qa(small_conv, runs[0].path, seq_length=255, progress=False, overwrite=True)  # no held-out set now
     assert not val_path(runs[0].path).exists() and "val" not in json.loads(stats_path(runs[0].path).read_text())
 
 
@@ -280,7 +283,7 @@ def test_bad_alpaca_conversion(tmp_path):
     with pytest.raises(ValueError, match=r"a.json: record 0 field 'input' is a int"):
         convert_alpaca(tmp_path / "a.json", tmp_path / "conv.json")
     assert not (tmp_path / "conv.json").exists()
-    with pytest.raises(FileNotFoundError, match="missing.json: file not found"):
+    with pytest.raises(FileNotFoundError, match="missing.json: missing"):
         convert_alpaca(tmp_path / "missing.json", tmp_path / "conv.json")
 
 

@@ -134,15 +134,24 @@ def test_shared_params_and_a_missing_artifact(notebooks, tmp_path):
     with pytest.raises(ValueError, match=r"params \['nobody'\] are declared by no stage's notebook"):
         runs.load_pipeline(_pipeline(tmp_path, [{"name": "emit", "notebook": str(notebooks["emit"])}],
                                      params={"nobody": 1}))
-    pipeline = runs.load_pipeline(_pipeline(tmp_path, [
-        {"name": "emit", "notebook": str(notebooks["emit"])},
-        {"name": "consume", "notebook": str(notebooks["consume"]), "params": {"path": "${emit.artifacts.nothing}"}}],
-        params={"value": 4}))
+    stages = [{"name": "emit", "notebook": str(notebooks["emit"])},
+              {"name": "consume", "notebook": str(notebooks["consume"]),
+               "params": {"path": "${emit.artifacts.nothing}"}}]
+    with pytest.raises(ValueError, match=r"\$\{emit.artifacts.nothing\}: stage 'emit' \(.*emit.ipynb\) produces "
+                                         r"artifacts \['data'\]"):  # read from the notebook's source, before running
+        runs.load_pipeline(_pipeline(tmp_path, stages, params={"value": 4}))
+    # a notebook whose artifact names are computed: the reference is checked when the run resolves it
+    stages[0]["notebook"] = str(_notebook(tmp_path / "emit_dynamic.ipynb", 'value = 1  # a number\n'
+                                          'output_dir = "out"  # results go here',
+                                          'write_results(output_dir, stage="emit", metrics={"value": value},'
+                                          ' artifacts={"da" + "ta": output_dir})'))
+    pipeline = runs.load_pipeline(_pipeline(tmp_path, stages, params={"value": 4}))
     assert pipeline.stages[0].params == {"value": 4}
     assert pipeline.stages[1].params == {"path": "${emit.artifacts.nothing}"}
     result = runner.run_pipeline(pipeline, tmp_path / "runs", progress=False)
     assert result.status == "failed" and result.failed_stage.name == "consume"
     assert "stage 'emit' wrote no artifacts 'nothing'; it has ['data']" in result.failed_stage.error
+    assert (result.run_dir / "00_emit" / "kernel.log").is_file()  # the kernel process's own output
 
 
 def test_overrides_parse_as_yaml():
