@@ -19,7 +19,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor
 
-from cllama.checkpoint.files import check_format, file_format
+from cllama.checkpoint.files import check_format, check_weights, file_format
 from cllama.checkpoint.lora import (
     ADAPTER_CONFIG,
     ADAPTER_FORMATS,
@@ -117,7 +117,7 @@ def read_adapter(path: str | os.PathLike, config: ModelConfig) -> tuple[LoraConf
     lora = LoraConfig.from_pet_config(doc["pet_config"], f"{path / ADAPTER_CONFIG}: pet_config")
     file = adapter_file(path)
     try:
-        loaded = ms.load_checkpoint(str(file), format=file_format(file))
+        loaded = ms.load_checkpoint(str(check_weights(file)), format=file_format(file))
     except (ValueError, RuntimeError) as err:
         raise ValueError(f"{file}: not a readable MindSpore checkpoint ({err})") from None
     arrays = {n: _float32(p) for n, p in loaded.items() if is_adapter_name(n)}

@@ -172,10 +172,12 @@ def save_random_model(path: str | os.PathLike, config: ModelConfig | str = "tiny
     the bundled Llama 2 one, extended to Code Llama's 32016 pieces when the vocabulary has them. A
     non-empty `path` is refused unless `overwrite`; it is replaced whole when the new one is complete."""
     from cllama.fileio import atomic_path, check_destination
-    from cllama.tokenizer import bundled_tokenizer_path, extend_tokenizer
+    from cllama.tokenizer import bundled_tokenizer_path, check_tokenizer, extend_tokenizer
 
     config = ModelConfig.from_name(config) if isinstance(config, str) else config
     path = check_destination(path, overwrite)
+    if tokenizer_model is not None:
+        check_tokenizer(tokenizer_model)  # before anything is written
     with atomic_path(path) as tmp:
         tmp.mkdir()
         if tokenizer_model is None:

@@ -26,10 +26,6 @@ def _model_init(args) -> int:
 
     check_ranges(args, ("--seed", 0, None))
     config = ModelConfig.from_name(args.preset, **parse_set(args.set))
-    if args.tokenizer:
-        from cllama.tokenizer import check_tokenizer
-
-        check_tokenizer(args.tokenizer)  # before anything is written: a copied bad file would fail only later
     init_device(args)
     from cllama.checkpoint.model_dir import save_random_model
 

@@ -17,7 +17,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor
 
 from cllama.checkpoint.adapter import lora_of, write_adapter_files
-from cllama.checkpoint.files import file_format
+from cllama.checkpoint.files import check_weights, file_format
 from cllama.checkpoint.model_dir import save_model_dir
 from cllama.fileio import dumps, install, read_json
 from cllama.model import CodeLlama
@@ -96,7 +96,7 @@ def load_state(params: list[Parameter], path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing")
-    saved = ms.load_checkpoint(str(path), format=file_format(path))
+    saved = ms.load_checkpoint(str(check_weights(path)), format=file_format(path))
     missing = [p.name for p in params if p.name not in saved]
     if missing:
         raise ValueError(f"{path}: lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}; "

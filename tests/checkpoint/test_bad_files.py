@@ -135,20 +135,12 @@ def _one_line_error(argv: list[str], capfd, prefix: str, bad: Path, fragment: st
 
 # ---- the tests ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", SAFETENSORS_DAMAGE)
-def test_damaged_hugging_face_safetensors_is_one_line(bases, damage, tmp_path, capfd):
+@pytest.mark.parametrize("base, direction", [("hf", "hf2ms"), ("ms_st", "ms2hf")], ids=["hugging-face", "mindspore"])
+def test_damaged_safetensors_is_one_line(bases, base, direction, damage, tmp_path, capfd):
     change, fragment = SAFETENSORS_DAMAGE[damage]
-    bad = _damaged(bases["hf"], tmp_path, "model.safetensors", change)
+    bad = _damaged(bases[base], tmp_path, "model.safetensors", change)
     out = tmp_path / "out"
-    _one_line_error(["convert", "hf2ms", "--src", str(bad.parent), "--dst", str(out), "--no-progress"], capfd,
-                    "cllama convert", bad, fragment, out)
-
-
-@pytest.mark.parametrize("damage", SAFETENSORS_DAMAGE)
-def test_damaged_mindspore_safetensors_is_one_line(bases, damage, tmp_path, capfd):
-    change, fragment = SAFETENSORS_DAMAGE[damage]
-    bad = _damaged(bases["ms_st"], tmp_path, "model.safetensors", change)
-    out = tmp_path / "out"
-    _one_line_error(["convert", "ms2hf", "--src", str(bad.parent), "--dst", str(out), "--no-progress"], capfd,
+    _one_line_error(["convert", direction, "--src", str(bad.parent), "--dst", str(out), "--no-progress"], capfd,
                     "cllama convert", bad, fragment, out)
 
 

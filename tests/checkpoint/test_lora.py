@@ -289,11 +289,17 @@ def test_cli_bad_adapter_input_exits_2(base_and_adapter, tmp_path, make_model_di
     no_config.mkdir()
     (no_config / "adapter.ckpt").write_bytes((adapter_dir / "adapter.ckpt").read_bytes())
     other_base = make_model_dir(seed=1)  # the tiny preset: another shape than the adapter's base
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "adapter_config.json").write_bytes((adapter_dir / "adapter_config.json").read_bytes())
+    (truncated / "adapter.ckpt").write_bytes((adapter_dir / "adapter.ckpt").read_bytes()[:-100])
     cases = [
         (["lora", "merge", "--base", base_dir, "--adapter", no_config, "--dst", tmp_path / "m1"],
          "adapter_config.json: missing"),
         (["lora", "merge", "--base", other_base, "--adapter", adapter_dir, "--dst", tmp_path / "m2"],
          "the adapter belongs to another base model"),
+        (["lora", "merge", "--base", base_dir, "--adapter", truncated, "--dst", tmp_path / "m4"],
+         f"{truncated / 'adapter.ckpt'}: "),
         (["generate", "--model", base_dir, "--adapter", tmp_path / "nowhere", "--prompt-ids", "1"],
          "adapter directory not found"),
         (["lora", "import-peft", "--src", adapter_dir, "--base", base_dir, "--dst", tmp_path / "m3"],
