@@ -19,7 +19,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor
 
-from cllama.checkpoint.files import check_format, check_weights, file_format
+from cllama.checkpoint.files import check_format, check_model_dir, check_weights, file_format
 from cllama.checkpoint.lora import (
     ADAPTER_CONFIG,
     ADAPTER_FORMATS,
@@ -170,7 +170,7 @@ def merge_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, d
     """`cllama lora merge`: an ordinary model directory (base weights with the adapter folded in, the
     base's tokenizer) at `dst`, written atomically; `fmt` defaults to the base's weights format."""
     from cllama.checkpoint.files import weights_file
-    from cllama.checkpoint.model_dir import check_model_dir, save_model_dir, tokenizer_of
+    from cllama.checkpoint.model_dir import save_model_dir, tokenizer_of
 
     check_model_dir(base_dir, "--base: ")
     fmt = fmt or file_format(weights_file(base_dir))
@@ -219,7 +219,6 @@ def import_peft(src: str | os.PathLike, base_dir: str | os.PathLike, dst: str | 
                 fmt: str = "ckpt") -> Path:
     """`cllama lora import-peft`: a PEFT LoRA adapter for a Llama base (q/k/v/o/gate/up/down_proj) as an
     adapter directory with MindFormers names, checked against the base model directory."""
-    from cllama.checkpoint.model_dir import check_model_dir
     from cllama.checkpoint.safetensors_file import SafetensorsFile
 
     src, base_dir = Path(src), check_model_dir(base_dir, "--base: ")

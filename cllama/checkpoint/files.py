@@ -70,3 +70,26 @@ def check_weights(path: str | os.PathLike) -> Path:
 
         SafetensorsFile(path)
     return path
+
+
+def check_model_dir(path: str | os.PathLike, where: str = "") -> Path:
+    """`path` if it is a whole model directory: config.json (a valid ModelConfig), weights whose headers
+    agree with the file, and tokenizer.model (when present) a SentencePiece model; else one clear error
+    (prefixed with `where`, the setting that named it, when the directory itself is missing). Reads
+    headers only: cheap, and before MindSpore touches the weights."""
+    from cllama.config import ModelConfig
+    from cllama.tokenizer import check_tokenizer
+
+    path = Path(path)
+    missing = FileNotFoundError(f"{where}{path} is not a model directory: a model directory holds config.json and "
+                                "model.ckpt (or model.safetensors); convert weights with `cllama convert hf2ms` or "
+                                "make one with `cllama model init`")
+    if not path.is_dir():
+        raise missing
+    ModelConfig.load(path)  # a damaged config.json is named before missing weights
+    if not is_model_dir(path):
+        raise missing
+    check_weights(weights_file(path))
+    if (path / "tokenizer.model").exists():
+        check_tokenizer(path / "tokenizer.model")
+    return path

@@ -16,7 +16,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from cllama.checkpoint.files import FORMATS, check_format, check_weights, file_format, is_model_dir, weights_file
+from cllama.checkpoint.files import FORMATS, check_format, check_weights, file_format, weights_file
 from cllama.checkpoint.names import HF_IGNORED, check_names, hf_to_ms_name, is_training_state, param_shapes
 from cllama.config import ModelConfig
 from cllama.fileio import atomic_path, copy_file
@@ -199,17 +199,6 @@ def model_or_random(model_dir: str | os.PathLike | None, out_dir: str | os.PathL
     name = config if isinstance(config, str) else f"{ModelConfig.load(path).num_params():,}-parameter"
     print(f"No model given: built a RANDOM {name} model (seed {seed}) in {path}; its outputs are "
           "gibberish, every step of the path is real. Pass a converted or trained model directory for real numbers.")
-    return path
-
-
-def check_model_dir(path: str | os.PathLike, where: str = "") -> Path:
-    """`path` if it holds config.json and its weights; else one clear error (prefixed with `where`, the
-    setting that named it)."""
-    path = Path(path)
-    if not is_model_dir(path):
-        raise FileNotFoundError(f"{where}{path} is not a model directory: a model directory holds config.json and "
-                                "model.ckpt (or model.safetensors); convert weights with `cllama convert hf2ms` or "
-                                "make one with `cllama model init`")
     return path
 
 

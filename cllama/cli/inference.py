@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from cllama.cli.common import command, device_arg, init_device, parse_ks, print_json
+from cllama.cli.common import check_ranges, command, device_arg, init_device, parse_ks, print_json
 
 
 # ---- eval, generate, export ---------------------------------------------------------------------
@@ -149,10 +149,8 @@ def _generate_with(gen, args) -> int:
 
 
 def _export(args) -> int:
-    for flag, value, low in (("--check", args.check, 0), ("--batch-size", args.batch_size, 1),
-                             ("--seq-length", args.seq_length, 2), ("--prompt-length", args.prompt_length, 1)):
-        if value is not None and value < low:
-            raise ValueError(f"{flag} {value}: must be >= {low}")
+    check_ranges(args, ("--check", 0, None), ("--batch-size", 1, None), ("--seq-length", 2, None),
+                 ("--prompt-length", 1, None))
     init_device(args)
     from cllama.checkpoint.model_dir import load_model_dir, tokenizer_of
     from cllama.generation.export import DECODE_FILE, PREFILL_FILE, compare_with_model, export_mindir

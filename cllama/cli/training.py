@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from cllama.cli.common import check_ranges, command, device_arg, init_device, parse_set, print_json
 
@@ -35,29 +34,12 @@ def _model_init(args) -> int:
     return 0
 
 
-def model_dir_config(path: str | Path):
-    """The ModelConfig of model directory `path`, checked whole first (config.json, the weights' headers,
-    tokenizer.model when present; no MindSpore): describing or planning a broken model is refused."""
-    from cllama.checkpoint.files import check_weights, weights_file
-    from cllama.config import ModelConfig
-    from cllama.tokenizer import check_tokenizer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise (NotADirectoryError if path.exists() else FileNotFoundError)(
-            f"{path}: not a model directory (config.json + model.ckpt or model.safetensors); make one with "
-            "`cllama model init` or `cllama convert hf2ms`")
-    config = ModelConfig.load(path)
-    check_weights(weights_file(path))
-    if (path / "tokenizer.model").exists():
-        check_tokenizer(path / "tokenizer.model")
-    return config
-
-
 def _model_info(args) -> int:
+    from cllama.checkpoint.files import check_model_dir
     from cllama.config import PRESETS, ModelConfig
 
-    config = ModelConfig.from_name(args.source) if args.source in PRESETS else model_dir_config(args.source)
+    config = ModelConfig.from_name(args.source) if args.source in PRESETS else \
+        ModelConfig.load(check_model_dir(args.source))
     print_json({"params": config.num_params(), "head_dim": config.head_dim,
                  "ffn_hidden_size": config.ffn_hidden_size, "config": config.to_dict()})
     return 0
@@ -125,13 +107,14 @@ def _layouts(args, config):
 
 
 def _ckpt_strategy(args) -> int:
+    from cllama.checkpoint.files import check_model_dir
     from cllama.config import ModelConfig
     from cllama.distributed.strategy import device_count, memory_per_rank, write_strategy
 
     check_ranges(args, *LAYOUT_BOUNDS)
     if bool(args.model) == bool(args.preset):
         raise ValueError("give exactly one of --model DIR or --preset NAME")
-    config = model_dir_config(args.model) if args.model else ModelConfig.from_name(args.preset)
+    config = ModelConfig.load(check_model_dir(args.model)) if args.model else ModelConfig.from_name(args.preset)
     layouts = _layouts(args, config)
     path = write_strategy(layouts, args.out, stage_dir=args.stage_dir)
     print_json({"strategy": str(path), "devices": device_count(layouts), "params": len(layouts),

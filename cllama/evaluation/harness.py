@@ -226,12 +226,13 @@ def evaluate(generator, out_dir: str | os.PathLike, limit: int | None = None, n_
              suffix_first: bool = False, ks: Sequence[int] = (1, 10, 100), sandbox_workers: int | None = None,
              timeout: float = DEFAULT_TIMEOUT, batch_size: int = 8, progress: bool = True,
              benchmark: str = "humaneval", data: str | os.PathLike | None = None,
-             decode_group: int | None = pr.DECODE_GROUP, identity: Mapping | None = None) -> dict:
+             decode_group: int | None = pr.DECODE_GROUP, identity: Mapping | None = None,
+             tasks: Mapping[str, dict] | None = None) -> dict:
     """Generate (resumably) into `<out_dir>/samples.jsonl`, score in the sandbox, write
-    `samples.jsonl_results.jsonl`. Returns {metrics (with the protocol's name), samples, results,
-    records, tasks}."""
+    `samples.jsonl_results.jsonl`. `tasks`: build_tasks(limit, infilling, benchmark, data) when the
+    caller has them already. Returns {metrics (with the protocol's name), samples, results, records, tasks}."""
     params = params or EVAL_PARAMS
-    tasks = build_tasks(limit, infilling, benchmark, data)
+    tasks = tasks if tasks is not None else build_tasks(limit, infilling, benchmark, data)
     samples = generate_samples(generator, tasks, Path(out_dir) / SAMPLES_FILE, n_samples, params, prompt_style,
                                suffix_first, batch_size, progress, decode_group, identity)
     rows = [r for r in he.read_samples(samples) if r["task_id"] in tasks]  # a larger earlier run
@@ -259,12 +260,12 @@ def run_evaluation(model_dir: str | os.PathLike, out_dir: str | os.PathLike, tok
     from cllama.generation.remote import open_generator
 
     params = params or EVAL_PARAMS
-    build_tasks(1 if benchmark != "mbpp" else None, infilling, benchmark, data)  # bad input before loading
+    tasks = build_tasks(limit, infilling, benchmark, data)  # bad input is reported before the model loads
     identity = model_identity(model_dir, tokenizer, adapter)
     generator = open_generator(model_dir, tokenizer, workers, log_dir=Path(out_dir) / "workers_log", adapter=adapter)
     try:
         run = evaluate(generator, out_dir, limit, n_samples, params, prompt_style, infilling, suffix_first, ks,
-                       sandbox_workers, timeout, batch_size, progress, benchmark, data, identity=identity)
+                       sandbox_workers, timeout, batch_size, progress, benchmark, data, identity=identity, tasks=tasks)
     finally:
         generator.close()
     protocol = run["metrics"]["protocol"]

@@ -30,7 +30,7 @@ import numpy as np
 
 from cllama.distributed.parallel import init_parallel
 from cllama.train.batches import check_columns, check_length, check_token_ids, open_dataset, rank_batches
-from cllama.train.metrics import finite_or_none, read_metrics
+from cllama.train.metrics import read_metrics
 from cllama.train.runconfig import RunConfig, save_run_config
 
 MetricsCallback = Callable[[list], None]
@@ -153,7 +153,7 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
     from mindspore import Tensor
     from tqdm.auto import tqdm
 
-    from cllama.checkpoint.model_dir import check_model_dir
+    from cllama.checkpoint.files import check_model_dir
     from cllama.train.checkpoints import latest_checkpoint, remove_partial_checkpoints
     from cllama.train.metrics import MetricsLog
     from cllama.train.optim import build_lr_schedule, build_optimizer
@@ -307,7 +307,6 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
                           "loss_scale": float(scale.asnumpy()), "total_steps": total, "global_batch_size": global_batch,
                           "gradient_accumulation_steps": run.accumulate, "world": env.world,
                           "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            last_state = finite_or_none(last_state)  # trainer_state.json stays strict JSON
             if env.is_main:
                 log_file.write(record)
                 records.append(record)
@@ -331,9 +330,8 @@ def train(run: RunConfig, resume: Optional[bool] = None, progress: bool = True,
 def _fail(run: RunConfig, env, out: Path, ckpt_root: Path, step: int, loss: float, grad_norm: float, lr: float,
           repeats: int) -> None:
     """Write the failed marker (rank 0) and raise TrainingDiverged; nothing of this step is saved."""
-    from cllama.fileio import atomic_write
+    from cllama.fileio import write_json
     from cllama.train.checkpoints import latest_checkpoint
-    from cllama.train.metrics import dumps
 
     latest = latest_checkpoint(ckpt_root)
     what = f"loss {loss}, gradient norm {grad_norm}" if run.loss_scale is None else \
@@ -343,9 +341,8 @@ def _fail(run: RunConfig, env, out: Path, ckpt_root: Path, step: int, loss: floa
              f"saving this step (newest finite checkpoint: {latest or 'none'}); lower lr_schedule.learning_rate, "
              "raise warmup, keep runner_wrapper.use_clip_grad, or check the data")
     if env.is_main:
-        atomic_write(out / FAILED_MARKER, dumps({"status": "failed", "step": step, "loss": loss, "grad_norm": grad_norm,
-                                                 "lr": lr, "error": error,
-                                                 "checkpoint": str(latest) if latest else None}) + "\n")
+        write_json(out / FAILED_MARKER, {"status": "failed", "step": step, "loss": loss, "grad_norm": grad_norm,
+                                          "lr": lr, "error": error, "checkpoint": str(latest) if latest else None})
     raise TrainingDiverged(error)
 
 

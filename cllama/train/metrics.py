@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Optional
 
-from cllama.fileio import atomic_write
+from cllama.fileio import atomic_write, dumps
 
 
 class MetricsLog:
@@ -20,33 +19,17 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if after_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= after_step]
-            atomic_write(self.path, "".join(dumps(r) + "\n" for r in kept))
+            atomic_write(self.path, "".join(dumps(r, indent=None) + "\n" for r in kept))
         elif after_step is None and self.path.exists():
             self.path.unlink()
         self.file = open(self.path, "a")
 
     def write(self, record: dict) -> None:
-        self.file.write(dumps(record) + "\n")
+        self.file.write(dumps(record, indent=None) + "\n")
         self.file.flush()
 
     def close(self) -> None:
         self.file.close()
-
-
-def finite_or_none(value):
-    """`value` with every non-finite float (at any depth of dicts and lists) replaced by None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    return value
-
-
-def dumps(record: dict) -> str:
-    """One strict-JSON line (non-finite floats -> null; json.dumps with allow_nan=False)."""
-    return json.dumps(finite_or_none(record), allow_nan=False)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
