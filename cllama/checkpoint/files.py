@@ -84,7 +84,7 @@ def check_model_dir(path: str | os.PathLike, where: str = "") -> Path:
     missing = FileNotFoundError(f"{where}{path} is not a model directory: a model directory holds config.json and "
                                 "model.ckpt (or model.safetensors); convert weights with `cllama convert hf2ms` or "
                                 "make one with `cllama model init`")
-    if not path.is_dir():
+    if not (path / "config.json").is_file():
         raise missing
     ModelConfig.load(path)  # a damaged config.json is named before missing weights
     if not is_model_dir(path):
